@@ -1,0 +1,584 @@
+"""Tiling plans: which tile grid every scale of an image gets.
+
+A :class:`TilePlan` is decided once, here, from the image size and the requested scales. Every later
+stage (tiling, encoding, merging, NVILA preprocessing) reads its sizes from the plan and never redoes
+the arithmetic. Planning is pure Python and cached, so it is cheap enough to run in data-loader
+workers or on every call.
+
+Two policies:
+
+* ``"aspect"`` (default): at every scale, the grid whose aspect ratio best matches the image, with a
+  per-tile price that keeps the tile count close to the scale's area (see :func:`plan_tiles`).
+* ``"nvila"``: NVILA's Dynamic-S2 rule, reproduced exactly: square k×k grids at every scale but the
+  last, an aspect-matched grid from a fixed candidate list at the last.
+
+Two fits:
+
+* ``"stretch"``: the image is resized to the full canvas (rows·t × cols·t), slightly changing its
+  aspect ratio.
+* ``"pad"``: the image keeps its aspect ratio, is resized to the largest size that fits the canvas
+  and sits at the top-left; the rest is padding that later stages mask out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+__all__ = [
+    "ASPECT_AREA_PRICE_DOWN",
+    "ASPECT_AREA_PRICE_UP",
+    "Fit",
+    "Policy",
+    "ScalePlan",
+    "TilePlan",
+    "grid_aspect_error",
+    "plan_tiles",
+]
+
+Policy = Literal["aspect", "nvila"]
+Fit = Literal["stretch", "pad"]
+
+POLICIES: tuple[str, ...] = ("aspect", "nvila")
+FITS: tuple[str, ...] = ("stretch", "pad")
+
+#: Price, under the ``"aspect"`` policy, of a grid whose tile count ``n`` exceeds the scale's target
+#: ``k²``: ``ASPECT_AREA_PRICE_UP · log(n / k²)``, in the units of the misfit (log aspect error).
+#: Tuned on the mix in ``benchmarks/tiling_quality.py``.
+ASPECT_AREA_PRICE_UP: float = 0.3
+
+#: Price of a grid with fewer tiles than ``k²`` (lost resolution): ``ASPECT_AREA_PRICE_DOWN ·
+#: log(k² / n)``.
+ASPECT_AREA_PRICE_DOWN: float = 0.5
+
+#: Default tile cap of the ``"aspect"`` policy, as a multiple of the scale's target tile count k².
+ASPECT_DEFAULT_CAP: float = 3.0
+
+_MIN_SCALE = 16
+
+
+def _pair(value: tuple[int, int]) -> tuple[int, int]:
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """The plan of one scale: grid, canvas and where the resized image sits in it.
+
+    Attributes:
+        scale: the requested scale, in pixels (the side of the square whose area the resized image
+            roughly has).
+        grid: ``(rows, cols)`` of tiles.
+        tile_size: side of one square tile, in pixels.
+        content_size: ``(h, w)`` of the resized image inside the canvas, at its top-left corner.
+            Equals :attr:`canvas_size` under ``fit="stretch"``.
+
+    Example:
+        >>> sp = plan_tiles(600, 1000, (448, 896, 1344)).scales[-1]
+        >>> sp.grid, sp.canvas_size, sp.num_tiles
+        ((3, 5), (1344, 2240), 15)
+        >>> sp.tile_offsets()[:3]
+        ((0, 0), (0, 448), (0, 896))
+    """
+
+    scale: int
+    grid: tuple[int, int]
+    tile_size: int
+    content_size: tuple[int, int]
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """``(rows * tile_size, cols * tile_size)``."""
+        return (self.grid[0] * self.tile_size, self.grid[1] * self.tile_size)
+
+    @property
+    def num_tiles(self) -> int:
+        """``rows * cols``."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def padded_fraction(self) -> float:
+        """Fraction of the canvas that is padding (0.0 under ``fit="stretch"``)."""
+        ch, cw = self.canvas_size
+        return 1.0 - (self.content_size[0] * self.content_size[1]) / (ch * cw)
+
+    def tile_offsets(self) -> tuple[tuple[int, int], ...]:
+        """Top-left ``(y, x)`` pixel offset of every tile in the canvas, in row-major order."""
+        t = self.tile_size
+        rows, cols = self.grid
+        return tuple((i * t, j * t) for i in range(rows) for j in range(cols))
+
+    def feature_size(self, tokens_per_side: int) -> tuple[int, int]:
+        """Valid ``(h, w)`` of the stitched feature map when each tile yields ``n × n`` features.
+
+        The stitched map is ``(rows·n, cols·n)``; under ``fit="pad"`` only the cells that overlap
+        the content are kept (``ceil(content · n / tile_size)`` per axis).
+
+        Example:
+            >>> sp = plan_tiles(300, 1000, (448,), fit="pad").scales[0]
+            >>> sp.grid, sp.content_size, sp.feature_size(32)
+            ((1, 3), (403, 1344), (29, 96))
+        """
+        n = _check_positive_int("tokens_per_side", tokens_per_side)
+        t = self.tile_size
+        return (
+            -(-self.content_size[0] * n // t),
+            -(-self.content_size[1] * n // t),
+        )
+
+    def transpose(self) -> ScalePlan:
+        """The same plan for the transposed image (rows and cols swapped)."""
+        return ScalePlan(
+            self.scale,
+            (self.grid[1], self.grid[0]),
+            self.tile_size,
+            (self.content_size[1], self.content_size[0]),
+        )
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Everything later stages need to tile, encode and merge one image.
+
+    Build it with :func:`plan_tiles`. It is frozen and hashable, and :meth:`to_dict` /
+    :meth:`from_dict` round-trip through JSON.
+
+    Attributes:
+        image_size: ``(h, w)`` of the original image.
+        tile_size: side of the square tiles, in pixels.
+        scales: one :class:`ScalePlan` per scale, in ascending order.
+        policy: the policy that chose the grids.
+        fit: ``"stretch"`` or ``"pad"``.
+
+    Example:
+        >>> import json
+        >>> plan = plan_tiles(480, 640, (224, 448, 672))
+        >>> [sp.grid for sp in plan.scales], plan.num_tiles
+        ([(1, 1), (2, 3), (3, 4)], 19)
+        >>> TilePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+        True
+    """
+
+    image_size: tuple[int, int]
+    tile_size: int
+    scales: tuple[ScalePlan, ...]
+    policy: str = "aspect"
+    fit: str = "stretch"
+
+    @property
+    def num_tiles(self) -> int:
+        """Total number of tiles over all scales."""
+        return sum(sp.num_tiles for sp in self.scales)
+
+    @property
+    def num_scales(self) -> int:
+        """Number of scales."""
+        return len(self.scales)
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """``(rows, cols)`` of every scale."""
+        return tuple(sp.grid for sp in self.scales)
+
+    def feature_size(self, index: int, tokens_per_side: int) -> tuple[int, int]:
+        """Valid feature ``(h, w)`` of scale ``index`` (negative indices allowed).
+
+        Example:
+            >>> plan_tiles(480, 640, (224, 448)).feature_size(-1, 16)
+            (32, 48)
+        """
+        return self.scales[self.scale_index(index)].feature_size(tokens_per_side)
+
+    def scale_index(self, index: int) -> int:
+        """Normalise a (possibly negative) scale index, raising ``ValueError`` when out of range."""
+        n = len(self.scales)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"scale index must be an int, got {index!r}")
+        if not -n <= index < n:
+            raise ValueError(f"scale index {index} is out of range for a plan with {n} scales")
+        return index % n
+
+    def transpose(self) -> TilePlan:
+        """The plan of the transposed image: every grid and size with rows and cols swapped."""
+        return TilePlan(
+            (self.image_size[1], self.image_size[0]),
+            self.tile_size,
+            tuple(sp.transpose() for sp in self.scales),
+            self.policy,
+            self.fit,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan."""
+        return {
+            "image_size": list(self.image_size),
+            "tile_size": self.tile_size,
+            "policy": self.policy,
+            "fit": self.fit,
+            "scales": [
+                {
+                    "scale": sp.scale,
+                    "grid": list(sp.grid),
+                    "content_size": list(sp.content_size),
+                }
+                for sp in self.scales
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TilePlan:
+        """Rebuild a plan from :meth:`to_dict` output, validating every field.
+
+        Raises:
+            TypeError: ``data`` is not a mapping or a field has the wrong type.
+            ValueError: a field is missing or inconsistent.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"TilePlan.from_dict expects a mapping, got {type(data).__name__}")
+        missing = {"image_size", "tile_size", "scales"} - set(data)
+        if missing:
+            raise ValueError(f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}")
+        image_size = _size_pair("image_size", data["image_size"])
+        tile = _check_positive_int("tile_size", data["tile_size"])
+        policy = data.get("policy", "aspect")
+        fit = data.get("fit", "stretch")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        raw_scales = data["scales"]
+        if not isinstance(raw_scales, Sequence) or isinstance(raw_scales, str) or not raw_scales:
+            raise ValueError(f"scales must be a non-empty list of dicts, got {raw_scales!r}")
+        scales = []
+        for i, entry in enumerate(raw_scales):
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"scales[{i}] must be a dict, got {entry!r}")
+            if {"scale", "grid", "content_size"} - set(entry):
+                raise ValueError(f"scales[{i}] needs scale, grid and content_size, got {entry!r}")
+            sp = ScalePlan(
+                _check_positive_int(f"scales[{i}].scale", entry["scale"]),
+                _size_pair(f"scales[{i}].grid", entry["grid"]),
+                tile,
+                _size_pair(f"scales[{i}].content_size", entry["content_size"]),
+            )
+            ch, cw = sp.canvas_size
+            if sp.content_size[0] > ch or sp.content_size[1] > cw:
+                raise ValueError(
+                    f"scales[{i}].content_size {sp.content_size} exceeds the canvas {(ch, cw)}"
+                )
+            scales.append(sp)
+        if any(a.scale >= b.scale for a, b in zip(scales, scales[1:], strict=False)):
+            raise ValueError(
+                f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
+            )
+        return cls(image_size, tile, tuple(scales), policy, fit)
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _size_pair(name: str, value: Any) -> tuple[int, int]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of positive ints, got {value!r}")
+    return (_check_positive_int(name, value[0]), _check_positive_int(name, value[1]))
+
+
+def _check_scales(scales: Any) -> tuple[int, ...]:
+    if isinstance(scales, int | float) and not isinstance(scales, bool):
+        scales = (scales,)
+    if isinstance(scales, str | bytes) or not isinstance(scales, Sequence):
+        raise TypeError(
+            f"scales must be a sequence of int pixel sizes such as (448, 896, 1344), got {scales!r}"
+        )
+    if len(scales) == 0:
+        raise ValueError("scales must not be empty; give pixel sizes such as (448, 896, 1344)")
+    for s in scales:
+        if isinstance(s, float) or (isinstance(s, int) and not isinstance(s, bool) and s < 16):
+            raise ValueError(
+                f"scales are pixel sizes (ints >= {_MIN_SCALE}, e.g. (448, 896, 1344)), got "
+                f"{tuple(scales)!r}; relative factors such as (1, 2) or (0.5, 1.0) belong to the "
+                "original S2-Wrapper: use dynamic_s2.s2wrapper.forward for those"
+            )
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"scales must be ints (pixel sizes), got {s!r} in {tuple(scales)!r}")
+    out = tuple(scales)
+    if any(a >= b for a, b in zip(out, out[1:], strict=False)):
+        raise ValueError(f"scales must be strictly increasing without duplicates, got {out!r}")
+    return out
+
+
+def _check_max_tiles(max_tiles: Any, n_scales: int) -> tuple[int, ...] | int | None:
+    if max_tiles is None:
+        return None
+    if isinstance(max_tiles, int) and not isinstance(max_tiles, bool):
+        return _check_positive_int("max_tiles", max_tiles)
+    if isinstance(max_tiles, Sequence) and not isinstance(max_tiles, str | bytes):
+        if len(max_tiles) != n_scales:
+            raise ValueError(
+                f"max_tiles must have one entry per scale ({n_scales}), got {tuple(max_tiles)!r}"
+            )
+        caps = tuple(_check_positive_int("max_tiles", m) for m in max_tiles)
+        if any(a > b for a, b in zip(caps, caps[1:], strict=False)):
+            raise ValueError(f"max_tiles per scale must be non-decreasing, got {caps!r}")
+        return caps
+    raise TypeError(f"max_tiles must be None, an int or one int per scale, got {max_tiles!r}")
+
+
+# --------------------------------------------------------------------------------------- public
+
+
+def plan_tiles(
+    height: int,
+    width: int,
+    scales: Sequence[int],
+    *,
+    tile_size: int | None = None,
+    max_tiles: int | Sequence[int] | None = None,
+    policy: Policy = "aspect",
+    fit: Fit = "stretch",
+) -> TilePlan:
+    """Choose a tile grid for every scale of an image of size ``height × width``.
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        scales: strictly increasing pixel sizes, e.g. ``(448, 896, 1344)``. A scale is the side of
+            the square whose area the resized image should roughly have at that level.
+        tile_size: side of the square tiles; defaults to ``scales[0]``. Every scale must be at
+            least this.
+        max_tiles: tile budget. ``None``: the policy's default. An int caps the largest scale and
+            the others in proportion to their area (at least one tile). A sequence gives one cap
+            per scale. Under ``policy="nvila"`` it is NVILA's ``max_num`` (default 12).
+        policy: ``"aspect"`` (aspect-matched grid at every scale) or ``"nvila"`` (NVILA's rule).
+        fit: ``"stretch"`` (resize to fill the canvas) or ``"pad"`` (keep the aspect ratio, pad
+            bottom and right).
+
+    The ``"aspect"`` policy, per scale ``s`` with ``k = s / tile_size``:
+
+    * candidates are the grids ``rows × cols`` with ``lo ≤ rows·cols ≤ cap``, where ``cap`` is the
+      budget (default ``⌊3k²⌋``) and ``lo`` the previous scale's tile count (never above ``cap``),
+      so tile counts never decrease;
+    * the cost of a grid is its misfit plus an area price: the misfit is ``|log(grid aspect /
+      image aspect)|`` (stretch) or the padded fraction of the canvas (pad); the area price is
+      :data:`ASPECT_AREA_PRICE_UP` ``· log(n / k²)`` above the target ``k²`` tiles and
+      :data:`ASPECT_AREA_PRICE_DOWN` ``· log(k² / n)`` below it;
+    * the cheapest grid wins; ties go to fewer tiles, then to the squarer grid. A grid that fits
+      the aspect ratio better is passed over only when its area price outweighs the gain.
+
+    Returns:
+        The :class:`TilePlan`.
+
+    Raises:
+        TypeError: a size, scale or budget of the wrong type.
+        ValueError: non-positive sizes, bad scales, unknown policy or fit, bad ``max_tiles``.
+
+    Example:
+        >>> plan = plan_tiles(1080, 1920, (448, 896, 1344))
+        >>> [sp.grid for sp in plan.scales]
+        [(1, 2), (2, 3), (2, 4)]
+        >>> [sp.grid for sp in plan_tiles(1080, 1920, (448, 896, 1344), policy="nvila").scales]
+        [(1, 1), (2, 2), (3, 4)]
+        >>> plan_tiles(1080, 1920, (1, 2))
+        Traceback (most recent call last):
+            ...
+        ValueError: scales are pixel sizes ...
+    """
+    if isinstance(scales, list):
+        scales = tuple(scales)
+    if isinstance(max_tiles, list):
+        max_tiles = tuple(max_tiles)
+    try:
+        return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit)
+
+
+def _plan_uncached(
+    height: Any,
+    width: Any,
+    scales: Any,
+    tile_size: Any,
+    max_tiles: Any,
+    policy: Any,
+    fit: Any,
+) -> TilePlan:
+    h = _check_positive_int("height", height)
+    w = _check_positive_int("width", width)
+    sc = _check_scales(scales)
+    t = sc[0] if tile_size is None else _check_positive_int("tile_size", tile_size)
+    if sc[0] < t:
+        raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    caps = _check_max_tiles(max_tiles, len(sc))
+    if policy == "nvila":
+        grids = _nvila_grids(h, w, sc, t, caps)
+    else:
+        grids = _aspect_grids(h, w, sc, t, caps, fit)
+    return TilePlan(
+        (h, w),
+        t,
+        tuple(
+            ScalePlan(s, g, t, _content_size(h, w, g, t, fit)) for s, g in zip(sc, grids, strict=True)
+        ),
+        policy,
+        fit,
+    )
+
+
+_plan_cached = lru_cache(maxsize=65536)(_plan_uncached)
+
+
+def _content_size(h: int, w: int, grid: tuple[int, int], t: int, fit: str) -> tuple[int, int]:
+    ch, cw = grid[0] * t, grid[1] * t
+    if fit == "stretch":
+        return (ch, cw)
+    # Largest aspect-preserving size inside the canvas; integer arithmetic keeps it symmetric.
+    if w * ch >= h * cw:  # width-limited
+        return (max(1, min(ch, (2 * h * cw + w) // (2 * w))), cw)
+    return (ch, max(1, min(cw, (2 * w * ch + h) // (2 * h))))
+
+
+def grid_aspect_error(height: int, width: int, grid: tuple[int, int]) -> float:
+    """``|log(grid aspect / image aspect)|``: 0 for a perfect fit, symmetric under transposition.
+
+    Example:
+        >>> grid_aspect_error(600, 800, (3, 4))
+        0.0
+        >>> grid_aspect_error(600, 800, (1, 1)) == grid_aspect_error(800, 600, (1, 1))
+        True
+    """
+    return abs(math.log(grid[1] * height) - math.log(grid[0] * width))
+
+
+def _scale_caps(sc: tuple[int, ...], t: int, caps: tuple[int, ...] | int | None) -> list[int]:
+    if caps is None:
+        return [max(1, math.floor(ASPECT_DEFAULT_CAP * (s / t) ** 2)) for s in sc]
+    if isinstance(caps, int):
+        return [max(1, math.floor(caps * (s / sc[-1]) ** 2)) for s in sc]
+    return list(caps)
+
+
+def _aspect_grids(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: tuple[int, ...] | int | None,
+    fit: str,
+) -> list[tuple[int, int]]:
+    pad = fit == "pad"
+    log_aspect = math.log(w) - math.log(h)
+    up, down = ASPECT_AREA_PRICE_UP, ASPECT_AREA_PRICE_DOWN
+    log = math.log
+    grids: list[tuple[int, int]] = []
+    prev = 1
+    for s, cap in zip(sc, _scale_caps(sc, t, caps), strict=True):
+        k2 = (s / t) ** 2
+        log_k2 = log(k2)
+        lo = min(cap, prev)
+        best: tuple[float, int, float, int, int] = (math.inf, 0, 0.0, 0, 0)
+        # Every grid has min(rows, cols) <= sqrt(cap): fix the short side m and try the long side
+        # at the breakpoints of its cost (convex in log n for stretch): the ideal aspect, the ideal
+        # area and the ends of the allowed range. tests/test_plan.py checks this against brute force.
+        for m in range(1, math.isqrt(cap) + 1):
+            lo_n, hi_n = max(1, -(-lo // m)), cap // m
+            if lo_n > hi_n:
+                continue
+            area = k2 / m
+            log_m = log(m)
+            for sign, ideal in ((1.0, m * w / h), (-1.0, m * h / w)):
+                for n in {
+                    math.floor(ideal),
+                    math.ceil(ideal),
+                    math.floor(area),
+                    math.ceil(area),
+                    lo_n,
+                    hi_n,
+                }:
+                    n = lo_n if n < lo_n else hi_n if n > hi_n else n
+                    log_n = log(n)
+                    excess = log_m + log_n - log_k2
+                    cost = up * excess if excess > 0 else -down * excess
+                    if cost > best[0]:
+                        continue
+                    # misfit: |log(cols / rows) - log(w / h)|; sign says whether n is cols
+                    misfit = abs(sign * (log_n - log_m) - log_aspect)
+                    cost += -math.expm1(-misfit) if pad else misfit  # pad: the padded fraction
+                    if cost > best[0]:
+                        continue
+                    rows, cols = (m, n) if sign > 0 else (n, m)
+                    key = (cost, m * n, abs(log_n - log_m), rows, cols)
+                    if key < best:
+                        best = key
+        grids.append((best[3], best[4]))
+        prev = best[1]
+    return grids
+
+
+@lru_cache(maxsize=256)
+def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    # NVILA builds a Python set with these loops and sorts it by area; among equal areas the set's
+    # iteration order decides, so the set is built the same way to reproduce it exactly.
+    ratios = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
+
+
+def _nvila_grids(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: tuple[int, ...] | int | None,
+) -> list[tuple[int, int]]:
+    base = sc[0]
+    for s in sc:
+        if s % base:
+            raise ValueError(
+                f"policy='nvila' needs every scale to be a multiple of the first, got {sc!r}"
+            )
+    if isinstance(caps, tuple):
+        raise ValueError(
+            f"policy='nvila' takes max_tiles as one int (NVILA's max_num), got {caps!r}"
+        )
+    min_num = (sc[-1] // base) ** 2
+    max_num = 12 if caps is None else caps
+    if max_num < min_num:
+        raise ValueError(
+            f"max_tiles={max_num} is below the {min_num} tiles policy='nvila' needs at scale "
+            f"{sc[-1]} (({sc[-1]} // {base})²)"
+        )
+    grids = [(s // base, s // base) for s in sc[:-1]]
+    aspect = w / h
+    area = w * h
+    best_diff = math.inf
+    best = (1, 1)
+    for i, j in _nvila_candidates(min_num, max_num):  # i columns, j rows
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best_diff, best = diff, (i, j)
+        elif diff == best_diff and area > 0.5 * t * t * i * j:
+            best = (i, j)
+    grids.append((best[1], best[0]))
+    return grids
