@@ -1,9 +1,9 @@
 """Tiling plans: which tile grid every scale of an image gets.
 
-A :class:`TilePlan` is decided once, here, from the image size and the requested scales. Every later
-stage (tiling, encoding, merging, NVILA preprocessing) reads its sizes from the plan and never redoes
-the arithmetic. Planning is pure Python and cached, so it is cheap enough to run in data-loader
-workers or on every call.
+A :class:`TilePlan` is decided once, here, from the image size and the requested scales. Every
+later stage (tiling, encoding, merging, NVILA preprocessing) reads its sizes from the plan and
+never redoes the arithmetic. Planning is pure Python and cached, so it is cheap enough to run in
+data-loader workers or on every call.
 
 Two policies:
 
@@ -22,6 +22,7 @@ Two fits:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -240,7 +241,9 @@ class TilePlan:
             raise TypeError(f"TilePlan.from_dict expects a mapping, got {type(data).__name__}")
         missing = {"image_size", "tile_size", "scales"} - set(data)
         if missing:
-            raise ValueError(f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}")
+            raise ValueError(
+                f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}"
+            )
         image_size = _size_pair("image_size", data["image_size"])
         tile = _check_positive_int("tile_size", data["tile_size"])
         policy = data.get("policy", "aspect")
@@ -270,7 +273,7 @@ class TilePlan:
                     f"scales[{i}].content_size {sp.content_size} exceeds the canvas {(ch, cw)}"
                 )
             scales.append(sp)
-        if any(a.scale >= b.scale for a, b in zip(scales, scales[1:], strict=False)):
+        if any(a.scale >= b.scale for a, b in itertools.pairwise(scales)):
             raise ValueError(
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
@@ -313,7 +316,7 @@ def _check_scales(scales: Any) -> tuple[int, ...]:
         if isinstance(s, bool) or not isinstance(s, int):
             raise TypeError(f"scales must be ints (pixel sizes), got {s!r} in {tuple(scales)!r}")
     out = tuple(scales)
-    if any(a >= b for a, b in zip(out, out[1:], strict=False)):
+    if any(a >= b for a, b in itertools.pairwise(out)):
         raise ValueError(f"scales must be strictly increasing without duplicates, got {out!r}")
     return out
 
@@ -329,7 +332,7 @@ def _check_max_tiles(max_tiles: Any, n_scales: int) -> tuple[int, ...] | int | N
                 f"max_tiles must have one entry per scale ({n_scales}), got {tuple(max_tiles)!r}"
             )
         caps = tuple(_check_positive_int("max_tiles", m) for m in max_tiles)
-        if any(a > b for a, b in zip(caps, caps[1:], strict=False)):
+        if any(a > b for a, b in itertools.pairwise(caps)):
             raise ValueError(f"max_tiles per scale must be non-decreasing, got {caps!r}")
         return caps
     raise TypeError(f"max_tiles must be None, an int or one int per scale, got {max_tiles!r}")
@@ -434,7 +437,8 @@ def _plan_uncached(
         (h, w),
         t,
         tuple(
-            ScalePlan(s, g, t, _content_size(h, w, g, t, fit)) for s, g in zip(sc, grids, strict=True)
+            ScalePlan(s, g, t, _content_size(h, w, g, t, fit))
+            for s, g in zip(sc, grids, strict=True)
         ),
         policy,
         fit,
@@ -494,8 +498,9 @@ def _aspect_grids(
         lo = min(cap, prev)
         best: tuple[float, int, float, int, int] = (math.inf, 0, 0.0, 0, 0)
         # Every grid has min(rows, cols) <= sqrt(cap): fix the short side m and try the long side
-        # at the breakpoints of its cost (convex in log n for stretch): the ideal aspect, the ideal
-        # area and the ends of the allowed range. tests/test_plan.py checks this against brute force.
+        # at the breakpoints of its cost (convex in log n for stretch): the ideal aspect, the
+        # ideal area and the ends of the allowed range. tests/test_plan.py checks this against
+        # brute force.
         for m in range(1, math.isqrt(cap) + 1):
             lo_n, hi_n = max(1, -(-lo // m)), cap // m
             if lo_n > hi_n:

@@ -1,0 +1,230 @@
+"""``forward`` and ``DynamicS2``: plan → tile → encode → merge in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, as_backbone
+from .encode import encode_tiles
+from .merge import MultiScaleFeatures, check_plan_list, merge
+from .plan import Fit, Policy, TilePlan, plan_tiles
+from .tiling import check_images, tile_images
+
+__all__ = ["DynamicS2", "default_scales", "forward"]
+
+
+def default_scales(backbone: Backbone) -> tuple[int, int, int]:
+    """``(t, 2t, 3t)`` from the backbone's declared input size ``t`` (the S2 and NVILA standard).
+
+    Raises:
+        ValueError: the backbone declares no input size.
+
+    Example:
+        >>> default_scales(Backbone(lambda x: x, input_size=224))
+        (224, 448, 672)
+    """
+    t = backbone.input_size
+    if t is None:
+        raise ValueError(
+            f"scales were not given and the backbone ({backbone.name}) declares no input size "
+            "(HF config.image_size or timm pretrained_cfg['input_size']): pass scales=, e.g. "
+            "scales=(448, 896, 1344)"
+        )
+    return (t, 2 * t, 3 * t)
+
+
+def _make_plans(
+    images: Sequence[torch.Tensor],
+    backbone: Backbone,
+    scales: Sequence[int] | None,
+    plans: Sequence[TilePlan] | TilePlan | None,
+    tile_size: int | None,
+    max_tiles: int | Sequence[int] | None,
+    policy: Policy,
+    fit: Fit,
+) -> list[TilePlan]:
+    if plans is not None:
+        plan_list = check_plan_list(plans)
+        if len(plan_list) != len(images):
+            raise ValueError(f"got {len(plan_list)} plans for {len(images)} images: give one each")
+        for i, (p, img) in enumerate(zip(plan_list, images, strict=True)):
+            if p.image_size != (img.shape[-2], img.shape[-1]):
+                raise ValueError(
+                    f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] "
+                    f"is {(img.shape[-2], img.shape[-1])} (h, w)"
+                )
+            if scales is not None and tuple(sp.scale for sp in p.scales) != tuple(scales):
+                raise ValueError(
+                    f"scales={tuple(scales)!r} disagrees with plans[{i}], made for scales "
+                    f"{tuple(sp.scale for sp in p.scales)}: give one or the other"
+                )
+        return plan_list
+    if scales is None:
+        scales = default_scales(backbone)
+        if tile_size is None:
+            tile_size = backbone.input_size
+    return [
+        plan_tiles(
+            img.shape[-2],
+            img.shape[-1],
+            scales,
+            tile_size=tile_size,
+            max_tiles=max_tiles,
+            policy=policy,
+            fit=fit,
+        )
+        for img in images
+    ]
+
+
+def forward(
+    model: Any,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    scales: Sequence[int] | None = None,
+    *,
+    plans: Sequence[TilePlan] | TilePlan | None = None,
+    tile_size: int | None = None,
+    max_tiles: int | Sequence[int] | None = None,
+    policy: Policy = "aspect",
+    fit: Fit = "stretch",
+    output_scale: int = -1,
+    resample: str = "area",
+    num_prefix_tokens: int | None = None,
+    max_batch_tiles: int | None = None,
+    pad_to_multiple: int | None = None,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+    feature_layer: int | None = None,
+) -> MultiScaleFeatures:
+    """Multi-scale features of a batch of images of any sizes, through any backbone.
+
+    Plans the tiles of every image (:func:`~dynamic_s2.plan.plan_tiles`), cuts them
+    (:func:`~dynamic_s2.tiling.tile_images`), runs the backbone over all tiles in chunks
+    (:func:`~dynamic_s2.encode.encode_tiles`) and merges them
+    (:func:`~dynamic_s2.merge.merge`).
+
+    Args:
+        model: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
+        images: a list of ``[C, H, W]`` tensors of any sizes, or a ``[B, C, H, W]`` tensor.
+        scales: pixel sizes, e.g. ``(448, 896, 1344)``. Default: ``(t, 2t, 3t)`` from the
+            backbone's declared input size ``t``.
+        plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of ``scales``.
+        tile_size: tile side (default ``scales[0]``, or the backbone's size with default scales).
+        max_tiles: tile budget, see :func:`~dynamic_s2.plan.plan_tiles`.
+        policy: ``"aspect"`` or ``"nvila"``.
+        fit: ``"stretch"`` or ``"pad"``.
+        output_scale: the scale whose grid all scales are resampled to (-1: the largest).
+        resample: ``"area"`` or ``"bilinear"``.
+        num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
+            inferred.
+        max_batch_tiles: the most tiles per backbone call.
+        pad_to_multiple: pad the last chunk to a multiple of this many tiles.
+        mean: normalisation for uint8 images; default from the backbone.
+        std: normalisation for uint8 images; default from the backbone.
+        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer.
+
+    Returns:
+        :class:`~dynamic_s2.merge.MultiScaleFeatures`.
+
+    Example:
+        >>> model = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)  # 32-px tiles -> 4x4 maps
+        >>> images = [torch.rand(3, 48, 64), torch.rand(3, 90, 30)]
+        >>> out = forward(model, images, scales=(32, 64))
+        >>> out.features.shape, out.mask.sum(dim=(1, 2)).tolist()
+        (torch.Size([2, 12, 12, 16]), [96, 48])
+    """
+    backbone = as_backbone(model, feature_layer=feature_layer)
+    items = check_images(images)
+    plan_list = _make_plans(items, backbone, scales, plans, tile_size, max_tiles, policy, fit)
+    batch = tile_images(
+        items,
+        plan_list,
+        mean=backbone.mean if mean is None else mean,
+        std=backbone.std if std is None else std,
+    )
+    features = encode_tiles(
+        backbone, batch.tiles, max_batch_tiles=max_batch_tiles, pad_to_multiple=pad_to_multiple
+    )
+    return merge(
+        features,
+        plan_list,
+        output_scale=output_scale,
+        resample=resample,
+        num_prefix_tokens=(
+            backbone.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
+        ),
+    )
+
+
+_OPTIONS = {
+    "tile_size",
+    "max_tiles",
+    "policy",
+    "fit",
+    "output_scale",
+    "resample",
+    "num_prefix_tokens",
+    "max_batch_tiles",
+    "pad_to_multiple",
+    "mean",
+    "std",
+    "feature_layer",
+}
+
+
+class DynamicS2(nn.Module):
+    """An ``nn.Module`` that runs :func:`forward` over its backbone.
+
+    The backbone is registered as a submodule when it is an ``nn.Module``, so ``.to()``,
+    ``state_dict``, DDP and FSDP see it, gradients flow into it, and it can be compiled
+    (``module.backbone = torch.compile(module.backbone)``).
+
+    Args:
+        backbone: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
+        scales: pixel sizes; default ``(t, 2t, 3t)`` from the backbone's input size.
+        **options: any keyword argument of :func:`forward` except ``plans``.
+
+    Example:
+        >>> layer = DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=(32, 64))
+        >>> out = layer([torch.rand(3, 40, 40)])
+        >>> out.unpad()[0].shape
+        torch.Size([8, 8, 8])
+    """
+
+    def __init__(self, backbone: Any, scales: Sequence[int] | None = None, **options: Any) -> None:
+        super().__init__()
+        if "plans" in options:
+            raise TypeError("DynamicS2 makes plans per call; pass plans= to forward() instead")
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise TypeError(
+                f"DynamicS2 got unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
+            )
+        self.feature_layer = options.pop("feature_layer", None)
+        self.adapter = as_backbone(backbone, feature_layer=self.feature_layer)
+        self.backbone = self.adapter.module
+        self.scales = tuple(scales) if scales is not None else default_scales(self.adapter)
+        self.options = options
+
+    def forward(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        plans: Sequence[TilePlan] | None = None,
+    ) -> MultiScaleFeatures:
+        """Run :func:`forward` on ``images`` (and optional ``plans``)."""
+        if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
+            self.adapter = as_backbone(self.backbone, feature_layer=self.feature_layer)
+        return forward(
+            self.adapter,
+            images,
+            None if plans is not None else self.scales,
+            plans=plans,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}, options={self.options}"

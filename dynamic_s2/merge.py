@@ -1,0 +1,493 @@
+"""Tile features + plans → one multi-scale feature map per image.
+
+For every image and scale the tile features are stitched into one map and cropped to the valid
+region the plan gives; every scale is resampled to the grid of one output scale and the scales are
+concatenated on channels in ascending order.
+
+Stitching, cropping and resampling are fused into gathers: area and bilinear resampling are
+separable linear maps with a few taps per axis, so every output cell is a weighted sum of a few
+source feature rows whose indices are computed on the host from the plans. The result is built
+packed (image after image, raster order) with one gather per (scale, tap count); the padded
+``[B, H, W, C]`` view and its mask are only built when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from .plan import TilePlan
+
+__all__ = [
+    "MultiScaleFeatures",
+    "TileLayout",
+    "mean_prefix",
+    "merge",
+    "split_prefix",
+    "stitch_resample",
+]
+
+RESAMPLE_MODES = ("area", "bilinear")
+
+
+class MultiScaleFeatures:
+    """Merged multi-scale features of a batch of images of different sizes.
+
+    The features are stored packed (``tokens``: the valid cells of every image, image after image,
+    in raster order); the padded view and its mask are built on first access.
+
+    Attributes:
+        tokens: ``[Σ h_i·w_i, C_total]`` packed features.
+        sizes: ``(h_i, w_i)`` feature grid of every image.
+        plans: the plan of every image.
+        prefix: ``[B, P, C_total]`` averaged prefix tokens (CLS, registers), or ``None``.
+
+    Example:
+        >>> feats = MultiScaleFeatures(torch.ones(6, 2), [(1, 2), (2, 2)])
+        >>> feats.features.shape, feats.mask.sum().item()
+        (torch.Size([2, 2, 2, 2]), 6)
+        >>> tokens, cu_seqlens = feats.pack()
+        >>> cu_seqlens.tolist()
+        [0, 2, 6]
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        plans: Sequence[TilePlan] | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> None:
+        self.tokens = tokens
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.plans = list(plans) if plans is not None else []
+        self.prefix = prefix
+        if sum(h * w for h, w in self.sizes) != tokens.shape[0]:
+            raise ValueError(
+                f"tokens has {tokens.shape[0]} rows but sizes {self.sizes} need "
+                f"{sum(h * w for h, w in self.sizes)}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiScaleFeatures(batch={len(self.sizes)}, sizes={self.sizes}, "
+            f"channels={self.tokens.shape[-1]}, dtype={self.tokens.dtype}, "
+            f"prefix={None if self.prefix is None else tuple(self.prefix.shape)})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def channels(self) -> int:
+        """``C_total``: channels of all scales together."""
+        return int(self.tokens.shape[-1])
+
+    @property
+    def grid_sizes(self) -> list[tuple[int, int]]:
+        """Alias of :attr:`sizes`: the feature grid ``(h, w)`` of every image."""
+        return self.sizes
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """``int32 [B + 1]`` cumulative token counts, for variable-length attention."""
+        counts = [0] + [h * w for h, w in self.sizes]
+        return torch.tensor(np.cumsum(counts), dtype=torch.int32, device=self.tokens.device)
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [Σ h_i·w_i, C_total], cu_seqlens int32 [B + 1])``."""
+        return self.tokens, self.cu_seqlens
+
+    def unpad(self) -> list[torch.Tensor]:
+        """One ``[h_i, w_i, C_total]`` view per image."""
+        counts = [h * w for h, w in self.sizes]
+        return [
+            chunk.view(h, w, -1)
+            for chunk, (h, w) in zip(self.tokens.split(counts), self.sizes, strict=True)
+        ]
+
+    @cached_property
+    def _padded_index(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        hmax = max(h for h, _ in self.sizes)
+        wmax = max(w for _, w in self.sizes)
+        index = np.concatenate(
+            [
+                (b * hmax * wmax + np.arange(h)[:, None] * wmax + np.arange(w)[None, :]).ravel()
+                for b, (h, w) in enumerate(self.sizes)
+            ]
+        )
+        shape = (len(self.sizes), hmax, wmax)
+        return torch.from_numpy(index).to(self.tokens.device), shape
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        """``[B, Hmax, Wmax, C_total]`` padded features, zero where :attr:`mask` is False."""
+        index, (b, hmax, wmax) = self._padded_index
+        out = self.tokens.new_zeros(b * hmax * wmax, self.channels)
+        return out.index_copy(0, index, self.tokens).view(b, hmax, wmax, self.channels)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """``[B, Hmax, Wmax]`` bool: True exactly on each image's ``h_i × w_i`` valid cells."""
+        _, (b, hmax, wmax) = self._padded_index
+        mask = np.zeros((b, hmax, wmax), dtype=bool)
+        for i, (h, w) in enumerate(self.sizes):
+            mask[i, :h, :w] = True
+        return torch.from_numpy(mask).to(self.tokens.device)
+
+    def to(self, *args: object, **kwargs: object) -> MultiScaleFeatures:
+        """Move or cast the tensors (``Tensor.to`` arguments)."""
+        prefix = None if self.prefix is None else self.prefix.to(*args, **kwargs)  # type: ignore[call-overload]
+        return MultiScaleFeatures(
+            self.tokens.to(*args, **kwargs),  # type: ignore[call-overload]
+            self.sizes,
+            self.plans,
+            prefix,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TileLayout:
+    """Where the tiles of one image at one scale are, and which part of their stitched map counts.
+
+    Attributes:
+        tile_ids: ``[rows, cols]`` int array: index of each tile in the first dim of the scale's
+            maps tensor.
+        valid: ``(h, w)`` of the top-left region of the stitched ``[rows·h_s, cols·w_s]`` map
+            that is kept.
+    """
+
+    tile_ids: np.ndarray
+    valid: tuple[int, int]
+
+
+def split_prefix(
+    features: torch.Tensor, num_prefix_tokens: int | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Split backbone output into prefix tokens and channels-last spatial maps.
+
+    A 4-D ``[T, C, h, w]`` output is a feature map (ConvNet) with no prefix. A 3-D ``[T, N, C]``
+    output is tokens: the first ``num_prefix_tokens`` (default ``N - ⌊√N⌋²``) are the prefix
+    (CLS, registers), the rest a square grid.
+
+    Returns:
+        ``(prefix [T, P, C] or None, maps [T, h, w, C])``; ``maps`` may be a view.
+
+    Example:
+        >>> prefix, maps = split_prefix(torch.zeros(2, 17, 8))
+        >>> prefix.shape, maps.shape
+        (torch.Size([2, 1, 8]), torch.Size([2, 4, 4, 8]))
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"tile features must be a torch.Tensor, got {type(features).__name__}")
+    if num_prefix_tokens is not None and (
+        isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int)
+    ):
+        raise TypeError(f"num_prefix_tokens must be an int or None, got {num_prefix_tokens!r}")
+    if num_prefix_tokens is not None and num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if features.dim() == 4:
+        if num_prefix_tokens:
+            raise ValueError(
+                f"num_prefix_tokens={num_prefix_tokens} but the features are 4-D maps "
+                f"{tuple(features.shape)}, which have no prefix tokens"
+            )
+        return None, features.permute(0, 2, 3, 1)
+    if features.dim() != 3:
+        raise ValueError(
+            f"tile features must be [T, N, C] tokens or [T, C, h, w] maps, got shape "
+            f"{tuple(features.shape)}"
+        )
+    n_tokens = features.shape[1]
+    prefix_count = (
+        n_tokens - math.isqrt(n_tokens) ** 2 if num_prefix_tokens is None else num_prefix_tokens
+    )
+    side = math.isqrt(max(n_tokens - prefix_count, 0))
+    if prefix_count >= n_tokens or side * side != n_tokens - prefix_count:
+        raise ValueError(
+            f"tile features have {n_tokens} tokens, which is not a square grid plus "
+            f"{prefix_count} prefix tokens (num_prefix_tokens={num_prefix_tokens})"
+        )
+    prefix = features[:, :prefix_count] if prefix_count else None
+    return prefix, features[:, prefix_count:].unflatten(1, (side, side))
+
+
+def _axis_taps(size_in: int, size_out: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights ``[size_out, L]`` of a 1-D area or bilinear resample."""
+    out = np.arange(size_out)
+    if size_in == size_out:
+        return out[:, None], np.ones((size_out, 1))
+    if mode == "area":  # adaptive average pooling windows, as F.interpolate(mode="area")
+        start = (out * size_in) // size_out
+        end = -((-(out + 1) * size_in) // size_out)
+        length = end - start
+        taps = int(length.max())
+        index = start[:, None] + np.arange(taps)[None, :]
+        weight = (np.arange(taps)[None, :] < length[:, None]) / length[:, None]
+        return np.minimum(index, size_in - 1), weight
+    # bilinear, align_corners=False
+    src = np.maximum((out + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, size_in - 1)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    frac = src - i0
+    return np.stack([i0, i1], 1), np.stack([1.0 - frac, frac], 1)
+
+
+def _row_strides(maps: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides of ``[T, h, w, C]`` maps in units of feature rows, when rows are contiguous."""
+    channels = maps.shape[-1]
+    st = maps.stride()
+    if st[3] != 1 or any(x % channels for x in st[:3]):
+        return None
+    return st[0] // channels, st[1] // channels, st[2] // channels
+
+
+def _flat_rows(maps: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A ``[R, C]`` tensor and the row strides that address every ``(tile, y, x)`` of ``maps``."""
+    strides = _row_strides(maps)
+    if strides is None or (maps.requires_grad and not maps.is_contiguous()):
+        maps = maps.contiguous()
+        strides = _row_strides(maps)
+        if strides is None:  # pragma: no cover - a contiguous tensor always has row strides
+            raise ValueError(f"cannot address maps of shape {tuple(maps.shape)}")
+    if maps.is_contiguous():
+        return maps.reshape(-1, maps.shape[-1]), strides
+    t, h, w, c = maps.shape
+    rows = (t - 1) * strides[0] + (h - 1) * strides[1] + (w - 1) * strides[2] + 1
+    return maps.as_strided((rows, c), (c, 1)), strides
+
+
+def stitch_resample(
+    maps: Sequence[torch.Tensor],
+    layouts: Sequence[Sequence[TileLayout]],
+    out_sizes: Sequence[tuple[int, int]],
+    *,
+    resample: str = "area",
+) -> torch.Tensor:
+    """Stitch, crop, resample and concatenate every scale of every image, packed.
+
+    Args:
+        maps: one ``[T_s, h_s, w_s, C]`` tensor per scale (channels last; views are fine).
+        layouts: ``layouts[b][s]``: the :class:`TileLayout` of image ``b`` at scale ``s``.
+        out_sizes: the output grid ``(H_b, W_b)`` of every image.
+        resample: ``"area"`` (exactly ``F.interpolate(mode="area")``) or ``"bilinear"``
+            (``align_corners=False``), computed in float32 for half precision inputs.
+
+    Returns:
+        ``[Σ H_b·W_b, S·C]``: image after image in raster order, scales concatenated on channels
+        in the order given.
+
+    Example:
+        >>> import numpy as np
+        >>> maps = [torch.arange(4.).view(1, 2, 2, 1), torch.ones(4, 2, 2, 1)]
+        >>> layouts = [[TileLayout(np.array([[0]]), (2, 2)),
+        ...             TileLayout(np.arange(4).reshape(2, 2), (4, 4))]]
+        >>> stitch_resample(maps, layouts, [(4, 4)]).shape
+        torch.Size([16, 2])
+    """
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    num_scales = len(maps)
+    channels = maps[0].shape[-1]
+    dtype, device = maps[0].dtype, maps[0].device
+    counts = [h * w for h, w in out_sizes]
+    total = sum(counts)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    grad = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
+    out = None if grad else torch.empty((total, num_scales * channels), dtype=dtype, device=device)
+    columns: list[torch.Tensor] = []
+
+    for s in range(num_scales):
+        src, (st_t, st_y, st_x) = _flat_rows(maps[s])
+        h_s, w_s = maps[s].shape[1], maps[s].shape[2]
+        # Host arithmetic: per image, the source rows and weights of every output cell,
+        # grouped by tap count so that every gather does only useful work.
+        by_taps: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for b, (oh, ow) in enumerate(out_sizes):
+            layout = layouts[b][s]
+            vh, vw = layout.valid
+            ri, rw = _axis_taps(vh, oh, resample)
+            ci, cw = _axis_taps(vw, ow, resample)
+            tile = layout.tile_ids[(ri // h_s)[:, None, :, None], (ci // w_s)[None, :, None, :]]
+            rows = tile * st_t + ((ri % h_s) * st_y)[:, None, :, None]
+            rows = rows + ((ci % w_s) * st_x)[None, :, None, :]
+            weight = rw[:, None, :, None] * cw[None, :, None, :]
+            taps = rows.shape[2] * rows.shape[3]
+            dest = np.arange(starts[b], starts[b + 1])
+            by_taps.setdefault(taps, []).append(
+                (dest, rows.reshape(-1, taps), weight.reshape(-1, taps))
+            )
+        column = None if out is None else out[:, s * channels : (s + 1) * channels]
+        pieces = []
+        for taps, parts in by_taps.items():
+            dest = np.concatenate([p[0] for p in parts])
+            rows_np = np.concatenate([p[1] for p in parts])
+            weight_np = np.concatenate([p[2] for p in parts])
+            rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
+            full = len(by_taps) == 1
+            if taps == 1 and full and column is not None:
+                torch.index_select(src, 0, rows_t[:, 0], out=column)
+                continue
+            if taps == 1:
+                value = src.index_select(0, rows_t[:, 0])
+            else:
+                weight_t = torch.from_numpy(weight_np).to(device, compute, non_blocking=True)
+                value = src.index_select(0, rows_t[:, 0]).to(compute) * weight_t[:, :1]
+                for k in range(1, taps):
+                    value = (
+                        value
+                        + src.index_select(0, rows_t[:, k]).to(compute) * weight_t[:, k : k + 1]
+                    )
+                value = value.to(dtype)
+            if column is not None:
+                if full:
+                    column.copy_(value)
+                else:
+                    column.index_copy_(0, torch.from_numpy(dest).to(device), value)
+            else:
+                pieces.append((dest, value))
+        if column is None:
+            if len(pieces) == 1:
+                columns.append(pieces[0][1])
+            else:
+                dest_all = torch.from_numpy(np.concatenate([d for d, _ in pieces])).to(device)
+                stacked = torch.cat([v for _, v in pieces])
+                columns.append(torch.empty_like(stacked).index_copy(0, dest_all, stacked))
+    if out is not None:
+        return out
+    return torch.cat(columns, dim=1)
+
+
+def mean_prefix(
+    prefixes: Sequence[torch.Tensor], layouts: Sequence[Sequence[TileLayout]]
+) -> torch.Tensor:
+    """Per image and scale, the mean prefix token over the image's tiles; scales on channels.
+
+    Args:
+        prefixes: one ``[T_s, P, C]`` tensor per scale.
+        layouts: ``layouts[b][s]`` as for :func:`stitch_resample`.
+
+    Returns:
+        ``[B, P, S·C]``.
+
+    Example:
+        >>> import numpy as np
+        >>> layouts = [[TileLayout(np.array([[0, 1]]), (1, 2))]]
+        >>> mean_prefix([torch.tensor([[[1.0]], [[3.0]]])], layouts)
+        tensor([[[2.]]])
+    """
+    num_images = len(layouts)
+    columns = []
+    for s, prefix in enumerate(prefixes):
+        ids = [layouts[b][s].tile_ids.ravel() for b in range(num_images)]
+        segment = np.concatenate([np.full(len(i), b) for b, i in enumerate(ids)])
+        counts = np.array([len(i) for i in ids], dtype=np.float64)
+        device = prefix.device
+        compute = prefix.dtype if prefix.dtype == torch.float64 else torch.float32
+        gathered = prefix.index_select(0, torch.from_numpy(np.concatenate(ids)).to(device))
+        total = torch.zeros((num_images, *prefix.shape[1:]), dtype=compute, device=device)
+        total = total.index_add(0, torch.from_numpy(segment).to(device), gathered.to(compute))
+        scale = torch.from_numpy(1.0 / counts).to(device, compute).view(-1, 1, 1)
+        columns.append((total * scale).to(prefix.dtype))
+    return torch.cat(columns, dim=-1)
+
+
+def plan_layouts(plans: Sequence[TilePlan], tokens_per_side: int) -> list[list[TileLayout]]:
+    """The :class:`TileLayout` of every image and scale for tiles in the library's order.
+
+    Tiles are image-major, then scale ascending, then row-major; the valid region of each scale is
+    the plan's :meth:`~dynamic_s2.plan.ScalePlan.feature_size`.
+    """
+    layouts = []
+    offset = 0
+    for p in plans:
+        row = []
+        for sp in p.scales:
+            rows, cols = sp.grid
+            ids = offset + np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+            row.append(TileLayout(ids, sp.feature_size(tokens_per_side)))
+            offset += rows * cols
+        layouts.append(row)
+    return layouts
+
+
+def check_plan_list(plans: object) -> list[TilePlan]:
+    """Validate a non-empty list of plans with one tile size and one number of scales."""
+    if isinstance(plans, TilePlan):
+        plans = [plans]
+    if not isinstance(plans, Sequence) or isinstance(plans, str | bytes) or not plans:
+        raise ValueError(f"plans must be a non-empty sequence of TilePlan, got {plans!r}")
+    for i, p in enumerate(plans):
+        if not isinstance(p, TilePlan):
+            raise TypeError(f"plans[{i}] must be a TilePlan, got {type(p).__name__}")
+    counts = {len(p.scales) for p in plans}
+    if len(counts) > 1:
+        raise ValueError(f"plans must all have the same number of scales, got {sorted(counts)}")
+    tiles = {p.tile_size for p in plans}
+    if len(tiles) > 1:
+        raise ValueError(f"plans must share one tile_size, got {sorted(tiles)}")
+    return list(plans)
+
+
+def merge(
+    tile_features: torch.Tensor,
+    plans: Sequence[TilePlan] | TilePlan,
+    *,
+    output_scale: int = -1,
+    resample: str = "area",
+    num_prefix_tokens: int | None = None,
+) -> MultiScaleFeatures:
+    """Merge per-tile backbone features into one multi-scale map per image.
+
+    Args:
+        tile_features: ``[T, N, C]`` tokens (a square grid after ``num_prefix_tokens`` prefix
+            tokens, inferred as ``N - ⌊√N⌋²`` when ``None``) or ``[T, C, h, w]`` maps, for the
+            tiles in the library's order (image-major, scale ascending, row-major).
+        plans: the plan of every image, in order.
+        output_scale: index of the scale whose grid every scale is resampled to: -1 (the largest,
+            NVILA's choice) by default, 0 reproduces the S2 paper.
+        resample: ``"area"`` (exactly ``F.interpolate(mode="area")``) or ``"bilinear"``.
+        num_prefix_tokens: number of prefix tokens (CLS, registers) of token features.
+
+    Returns:
+        :class:`MultiScaleFeatures` with ``C_total = S·C`` channels, scales ascending.
+
+    Example:
+        >>> from dynamic_s2 import plan_tiles
+        >>> plans = [plan_tiles(60, 80, (32, 64)), plan_tiles(64, 32, (32, 64))]
+        >>> feats = torch.randn(sum(p.num_tiles for p in plans), 1 + 16, 8)  # CLS + 4x4 tokens
+        >>> out = merge(feats, plans)
+        >>> out.features.shape, out.prefix.shape, out.sizes
+        (torch.Size([2, 16, 12, 16]), torch.Size([2, 1, 16]), [(8, 12), (16, 8)])
+    """
+    plan_list = check_plan_list(plans)
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    total = sum(p.num_tiles for p in plan_list)
+    if not isinstance(tile_features, torch.Tensor):
+        raise TypeError(f"tile_features must be a torch.Tensor, got {type(tile_features).__name__}")
+    if tile_features.dim() not in (3, 4) or tile_features.shape[0] != total:
+        raise ValueError(
+            f"tile_features must be [T, N, C] or [T, C, h, w] with T = {total} tiles (the plans' "
+            f"total), got shape {tuple(tile_features.shape)}"
+        )
+    out_index = plan_list[0].scale_index(output_scale)
+    prefix, maps = split_prefix(tile_features, num_prefix_tokens)
+    if maps.shape[1] != maps.shape[2]:
+        raise ValueError(
+            f"square tiles must give square feature maps, got {maps.shape[1]}x{maps.shape[2]} "
+            f"per tile (tile_features shape {tuple(tile_features.shape)})"
+        )
+    layouts = plan_layouts(plan_list, maps.shape[1])
+    num_scales = len(plan_list[0].scales)
+    out_sizes = [row[out_index].valid for row in layouts]
+    tokens = stitch_resample([maps] * num_scales, layouts, out_sizes, resample=resample)
+    merged_prefix = None if prefix is None else mean_prefix([prefix] * num_scales, layouts)
+    return MultiScaleFeatures(tokens, out_sizes, plan_list, merged_prefix)

@@ -1,0 +1,298 @@
+"""Images + plans → tiles: resize every image to each scale's content size and cut it into tiles.
+
+The tile order is fixed: image-major, then scale ascending, then tiles in row-major order (NVILA's
+order). All sizes come from the :class:`~dynamic_s2.plan.TilePlan`; nothing here recomputes them.
+Work is grouped by (image size, content size), so equal-sized images are resized in one call and no
+Python code runs per tile.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .plan import TilePlan
+
+__all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images"]
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
+    """Bicubic resize of ``[..., C, H, W]`` images to ``size = (h, w)``.
+
+    ``align_corners=False``; computed in float32 and cast back to the input's dtype (uint8 results
+    are rounded and clamped). ``antialias=True`` is the library's default; ``antialias=False`` is
+    what the original S2-Wrapper used. An unchanged size returns the input as it is. Runs on the
+    images' device.
+
+    Example:
+        >>> x = torch.rand(2, 3, 40, 60)
+        >>> resize(x, (20, 30)).shape
+        torch.Size([2, 3, 20, 30])
+        >>> resize(x, (40, 60)) is x
+        True
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(images.shape[-2:]) == size:
+        return images
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:]) if len(lead) != 1 else images
+    out = F.interpolate(
+        flat.float(), size=size, mode="bicubic", align_corners=False, antialias=antialias
+    )
+    if images.dtype == torch.uint8:
+        out = out.round_().clamp_(0, 255)
+    out = out.to(images.dtype)
+    return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out
+
+
+def cut_grid(canvas: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cut ``[B, C, R·th, Q·tw]`` canvases into ``[B, R·Q, C, th, tw]`` tiles, row-major.
+
+    Example:
+        >>> canvas = torch.arange(16.).reshape(1, 1, 4, 4)
+        >>> cut_grid(canvas, (2, 2))[0, 1, 0]
+        tensor([[2., 3.],
+                [6., 7.]])
+    """
+    rows, cols = grid
+    return rearrange(canvas, "b c (r h) (q w) -> b (r q) c h w", r=rows, q=cols)
+
+
+@dataclass(frozen=True)
+class TileBatch:
+    """All tiles of a batch of images, with their plans.
+
+    Attributes:
+        tiles: ``[T, C, t, t]``, image-major, then scale ascending, then row-major tiles.
+        plans: one :class:`~dynamic_s2.plan.TilePlan` per image.
+
+    Example:
+        >>> from dynamic_s2 import plan_tiles
+        >>> batch = tile_images([torch.rand(3, 60, 80)], [plan_tiles(60, 80, (32, 64))])
+        >>> batch.tiles.shape, batch.tile_counts
+        (torch.Size([7, 3, 32, 32]), (7,))
+    """
+
+    tiles: torch.Tensor
+    plans: tuple[TilePlan, ...]
+
+    @property
+    def tile_counts(self) -> tuple[int, ...]:
+        """Number of tiles of each image."""
+        return tuple(p.num_tiles for p in self.plans)
+
+    def to(self, *args: object, **kwargs: object) -> TileBatch:
+        """Move the tiles (``Tensor.to`` arguments); the plans stay as they are."""
+        return TileBatch(self.tiles.to(*args, **kwargs), self.plans)  # type: ignore[call-overload]
+
+    def pin_memory(self) -> TileBatch:
+        """Pinned-memory copy of the tiles, for a DataLoader with ``pin_memory=True``."""
+        return TileBatch(self.tiles.pin_memory(), self.plans)
+
+
+def collate(batches: Sequence[TileBatch]) -> TileBatch:
+    """Concatenate several :class:`TileBatch` es, e.g. as a DataLoader ``collate_fn``.
+
+    Example:
+        >>> from dynamic_s2 import plan_tiles
+        >>> one = tile_images([torch.rand(3, 32, 32)], [plan_tiles(32, 32, (32,))])
+        >>> collate([one, one]).tiles.shape
+        torch.Size([2, 3, 32, 32])
+    """
+    if isinstance(batches, TileBatch):
+        return batches
+    if len(batches) == 0:
+        raise ValueError("collate needs at least one TileBatch, got an empty sequence")
+    for i, b in enumerate(batches):
+        if not isinstance(b, TileBatch):
+            raise TypeError(f"collate expects TileBatch items, got {type(b).__name__} at {i}")
+    plans = tuple(p for b in batches for p in b.plans)
+    return TileBatch(torch.cat([b.tiles for b in batches]), plans)
+
+
+def _as_image_list(images: object) -> list[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4:
+            return list(images.unbind(0))
+        if images.dim() == 3:
+            raise ValueError(
+                f"images: a single tensor must be a [B, C, H, W] batch, got shape "
+                f"{tuple(images.shape)}; wrap one [C, H, W] image in a list"
+            )
+        raise ValueError(
+            f"images must be a [B, C, H, W] tensor or a list of [C, H, W] tensors, got a "
+            f"{images.dim()}-D tensor of shape {tuple(images.shape)}"
+        )
+    if not isinstance(images, Sequence) or isinstance(images, str | bytes):
+        raise TypeError(
+            f"images must be a [B, C, H, W] tensor or a list of [C, H, W] tensors, got "
+            f"{type(images).__name__}"
+        )
+    return list(images)
+
+
+def check_images(images: object) -> list[torch.Tensor]:
+    """Validate images (list of ``[C, H, W]`` or one ``[B, C, H, W]``) and return them as a list."""
+    items = _as_image_list(images)
+    if not items:
+        raise ValueError("images is empty: give at least one image")
+    first = items[0]
+    for i, img in enumerate(items):
+        if not isinstance(img, torch.Tensor):
+            raise TypeError(f"images[{i}] must be a torch.Tensor, got {type(img).__name__}")
+        if img.dim() != 3:
+            raise ValueError(
+                f"images[{i}] must be [C, H, W], got shape {tuple(img.shape)} ({img.dim()}-D)"
+            )
+        if img.shape[1] == 0 or img.shape[2] == 0 or img.shape[0] == 0:
+            raise ValueError(f"images[{i}] is empty: shape {tuple(img.shape)}")
+        if img.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"images must all have the same number of channels: images[0] has "
+                f"{first.shape[0]}, images[{i}] has {img.shape[0]}"
+            )
+        if img.device != first.device:
+            raise ValueError(
+                f"images must all be on one device: images[0] is on {first.device}, "
+                f"images[{i}] on {img.device}"
+            )
+        if img.dtype != first.dtype:
+            raise ValueError(
+                f"images must all have one dtype: images[0] is {first.dtype}, "
+                f"images[{i}] is {img.dtype}"
+            )
+        if img.dtype != torch.uint8 and not img.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating point, got {img.dtype}")
+    return items
+
+
+def check_plans(plans: object, images: Sequence[torch.Tensor]) -> tuple[TilePlan, ...]:
+    """Validate one plan per image, each made for that image's size."""
+    if isinstance(plans, TilePlan):
+        plans = [plans] * len(images) if len(images) == 1 else [plans]
+    if not isinstance(plans, Sequence) or isinstance(plans, str | bytes):
+        raise TypeError(
+            f"plans must be a TilePlan or a sequence of them, got {type(plans).__name__}"
+        )
+    if len(plans) != len(images):
+        raise ValueError(f"got {len(plans)} plans for {len(images)} images: give one per image")
+    for i, (p, img) in enumerate(zip(plans, images, strict=True)):
+        if not isinstance(p, TilePlan):
+            raise TypeError(f"plans[{i}] must be a TilePlan, got {type(p).__name__}")
+        if p.image_size != (img.shape[-2], img.shape[-1]):
+            raise ValueError(
+                f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] is "
+                f"{(img.shape[-2], img.shape[-1])} (h, w)"
+            )
+    tiles = {p.tile_size for p in plans}
+    if len(tiles) > 1:
+        raise ValueError(f"plans must share one tile_size, got {sorted(tiles)}")
+    return tuple(plans)
+
+
+def _norm_stats(
+    name: str, value: Sequence[float] | float | None, channels: int
+) -> torch.Tensor | None:
+    if value is None:
+        return None
+    vals = (
+        [float(value)] * channels if isinstance(value, int | float) else [float(v) for v in value]
+    )
+    if len(vals) != channels:
+        raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
+    if name == "std" and any(v == 0 for v in vals):
+        raise ValueError(f"std must not contain zeros, got {value!r}")
+    return torch.tensor(vals, dtype=torch.float32).view(-1, 1, 1)
+
+
+def tile_images(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    plans: TilePlan | Sequence[TilePlan],
+    *,
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
+    pad_value: float = 0.0,
+) -> TileBatch:
+    """Resize each image to every scale of its plan and cut it into tiles.
+
+    Args:
+        images: a list of ``[C, H, W]`` tensors of any sizes, or a ``[B, C, H, W]`` tensor.
+            uint8 images become float32 in ``[0, 1]`` and are then normalised with ``mean`` and
+            ``std`` when those are given; float images are used as they are (assumed normalised).
+        plans: one :class:`~dynamic_s2.plan.TilePlan` per image (made for that image's size).
+        mean: per-channel mean for uint8 images.
+        std: per-channel standard deviation for uint8 images.
+        pad_value: value of the canvas outside the content (``fit="pad"``), after normalisation.
+
+    Each image is resized to the content size of every scale (bicubic, antialias, align_corners
+    False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
+    tiles. Output dtype: float32 for uint8 input, the input dtype otherwise; on the input device.
+
+    Returns:
+        A :class:`TileBatch` with tiles ordered image-major, scale ascending, row-major.
+
+    Example:
+        >>> from dynamic_s2 import plan_tiles
+        >>> imgs = [torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)]
+        >>> batch = tile_images(imgs, [plan_tiles(60, 80, (32, 64))], mean=0.5, std=0.5)
+        >>> batch.tiles.shape, batch.tiles.dtype
+        (torch.Size([7, 3, 32, 32]), torch.float32)
+    """
+    items = check_images(images)
+    plan_list = check_plans(plans, items)
+    channels = items[0].shape[0]
+    m = _norm_stats("mean", mean, channels)
+    s = _norm_stats("std", std, channels)
+    uint8 = items[0].dtype == torch.uint8
+    out_dtype = torch.float32 if uint8 else items[0].dtype
+    device = items[0].device
+    t = plan_list[0].tile_size
+
+    # Host arithmetic: the first tile index of every (image, scale), and groups of equal work:
+    # images of one size are stacked once, then resized together per (content size, grid).
+    starts: list[list[int]] = []
+    offset = 0
+    for p in plan_list:
+        starts.append(
+            [offset + sum(sp.num_tiles for sp in p.scales[:i]) for i in range(len(p.scales))]
+        )
+        offset += p.num_tiles
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for b, p in enumerate(plan_list):
+        by_size[p.image_size].append(b)
+
+    tiles = torch.empty((offset, channels, t, t), dtype=out_dtype, device=device)
+    m = None if m is None else m.to(device)
+    s = None if s is None else s.to(device)
+    for members in by_size.values():
+        stack = torch.stack([items[b] for b in members])
+        if uint8:
+            stack = stack.float().div_(255.0)
+        work: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]
+        work = defaultdict(list)
+        for row, b in enumerate(members):
+            for si, sp in enumerate(plan_list[b].scales):
+                work[(sp.content_size, sp.grid)].append((row, starts[b][si]))
+        for (content, grid), jobs in work.items():
+            rows = [row for row, _ in jobs]
+            src = stack if rows == list(range(stack.shape[0])) else stack[rows]
+            resized = resize(src, content)
+            if uint8 and m is not None:
+                resized = resized - m
+            if uint8 and s is not None:
+                resized = resized / s
+            ch, cw = grid[0] * t, grid[1] * t
+            if content != (ch, cw):
+                resized = F.pad(resized, (0, cw - content[1], 0, ch - content[0]), value=pad_value)
+            n = grid[0] * grid[1]
+            dst = torch.tensor([start for _, start in jobs], device=device)
+            dst = (dst[:, None] + torch.arange(n, device=device)).reshape(-1)
+            tiles.index_copy_(
+                0, dst, cut_grid(resized, grid).reshape(-1, channels, t, t).to(out_dtype)
+            )
+    return TileBatch(tiles, plan_list)
