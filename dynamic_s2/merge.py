@@ -332,8 +332,14 @@ def stitch_resample(
             weight_np = np.concatenate([p[2] for p in parts])
             rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
             full = len(by_taps) == 1
-            if taps == 1 and full and column is not None:
+            if full and column is not None and (taps == 1 or dtype == compute):
+                # Write straight into the output's channel slice: no temporary of the output size.
                 torch.index_select(src, 0, rows_t[:, 0], out=column)
+                if taps > 1:
+                    weight_t = torch.from_numpy(weight_np).to(device, dtype, non_blocking=True)
+                    column.mul_(weight_t[:, :1])
+                    for k in range(1, taps):
+                        column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
                 continue
             if taps == 1:
                 value = src.index_select(0, rows_t[:, 0])
