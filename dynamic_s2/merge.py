@@ -242,8 +242,9 @@ def _axis_taps(size_in: int, size_out: int, mode: str) -> tuple[np.ndarray, np.n
 def _row_strides(maps: torch.Tensor) -> tuple[int, int, int] | None:
     """Strides of ``[T, h, w, C]`` maps in units of feature rows, when rows are contiguous."""
     channels = maps.shape[-1]
-    st = maps.stride()
-    if st[3] != 1 or any(x % channels for x in st[:3]):
+    # The stride of a size-1 dim is arbitrary (never used to step), so treat it as 0.
+    st = [0 if n == 1 else x for n, x in zip(maps.shape, maps.stride(), strict=True)]
+    if (channels > 1 and st[3] != 1) or any(x % channels for x in st[:3]):
         return None
     return st[0] // channels, st[1] // channels, st[2] // channels
 
