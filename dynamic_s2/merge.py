@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -217,8 +217,12 @@ def split_prefix(
     return prefix, features[:, prefix_count:].unflatten(1, (side, side))
 
 
+@lru_cache(maxsize=4096)
 def _axis_taps(size_in: int, size_out: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights ``[size_out, L]`` of a 1-D area or bilinear resample."""
+    """Source indices and weights ``[size_out, L]`` of a 1-D area or bilinear resample.
+
+    Cached: the arrays are shared and must not be modified.
+    """
     out = np.arange(size_out)
     if size_in == size_out:
         return out[:, None], np.ones((size_out, 1))
