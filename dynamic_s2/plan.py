@@ -77,7 +77,7 @@ class ScalePlan:
         content_size: ``(h, w)`` of the resized image inside the canvas, at its top-left corner.
             Equals :attr:`canvas_size` under ``fit="stretch"``.
 
-    Example:
+    Examples:
         >>> sp = plan_tiles(600, 1000, (448, 896, 1344)).scales[-1]
         >>> sp.grid, sp.canvas_size, sp.num_tiles
         ((3, 5), (1344, 2240), 15)
@@ -118,7 +118,7 @@ class ScalePlan:
         The stitched map is ``(rows·n, cols·n)``; under ``fit="pad"`` only the cells that overlap
         the content are kept (``ceil(content · n / tile_size)`` per axis).
 
-        Example:
+        Examples:
             >>> sp = plan_tiles(300, 1000, (448,), fit="pad").scales[0]
             >>> sp.grid, sp.content_size, sp.feature_size(32)
             ((1, 3), (403, 1344), (29, 96))
@@ -154,7 +154,7 @@ class TilePlan:
         policy: the policy that chose the grids.
         fit: ``"stretch"`` or ``"pad"``.
 
-    Example:
+    Examples:
         >>> import json
         >>> plan = plan_tiles(480, 640, (224, 448, 672))
         >>> [sp.grid for sp in plan.scales], plan.num_tiles
@@ -187,7 +187,7 @@ class TilePlan:
     def feature_size(self, index: int, tokens_per_side: int) -> tuple[int, int]:
         """Valid feature ``(h, w)`` of scale ``index`` (negative indices allowed).
 
-        Example:
+        Examples:
             >>> plan_tiles(480, 640, (224, 448)).feature_size(-1, 16)
             (32, 48)
         """
@@ -386,7 +386,7 @@ def plan_tiles(
         TypeError: a size, scale or budget of the wrong type.
         ValueError: non-positive sizes, bad scales, unknown policy or fit, bad ``max_tiles``.
 
-    Example:
+    Examples:
         >>> plan = plan_tiles(1080, 1920, (448, 896, 1344))
         >>> [sp.grid for sp in plan.scales]
         [(1, 2), (2, 3), (2, 4)]
@@ -401,12 +401,24 @@ def plan_tiles(
         scales = tuple(scales)
     if isinstance(max_tiles, list):
         max_tiles = tuple(max_tiles)
-    try:
+    # The cache treats 448, 448.0, True and np.int64(448) as one key, so only exact ints may use
+    # it; anything else is validated (and usually rejected) on the uncached path.
+    if (
+        type(height) is int
+        and type(width) is int
+        and type(scales) is tuple
+        and all(type(s) is int for s in scales)
+        and (tile_size is None or type(tile_size) is int)
+        and (
+            max_tiles is None
+            or type(max_tiles) is int
+            or (type(max_tiles) is tuple and all(type(m) is int for m in max_tiles))
+        )
+        and type(policy) is str
+        and type(fit) is str
+    ):
         return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit)
-    except TypeError as err:
-        if "unhashable" not in str(err):
-            raise
-        return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit)
+    return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit)
 
 
 def _plan_uncached(
@@ -461,7 +473,7 @@ def _content_size(h: int, w: int, grid: tuple[int, int], t: int, fit: str) -> tu
 def grid_aspect_error(height: int, width: int, grid: tuple[int, int]) -> float:
     """``|log(grid aspect / image aspect)|``: 0 for a perfect fit, symmetric under transposition.
 
-    Example:
+    Examples:
         >>> grid_aspect_error(600, 800, (3, 4))
         0.0
         >>> grid_aspect_error(600, 800, (1, 1)) == grid_aspect_error(800, 600, (1, 1))
