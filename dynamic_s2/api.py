@@ -23,7 +23,7 @@ def default_scales(backbone: Backbone) -> tuple[int, int, int]:
     Raises:
         ValueError: the backbone declares no input size.
 
-    Example:
+    Examples:
         >>> default_scales(Backbone(lambda x: x, input_size=224))
         (224, 448, 672)
     """
@@ -130,7 +130,7 @@ def forward(
     Returns:
         :class:`~dynamic_s2.merge.MultiScaleFeatures`.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)  # 32-px tiles -> 4x4 maps
         >>> images = [torch.rand(3, 48, 64), torch.rand(3, 90, 30)]
         >>> out = forward(model, images, scales=(32, 64))
@@ -188,7 +188,7 @@ class DynamicS2(nn.Module):
         scales: pixel sizes; default ``(t, 2t, 3t)`` from the backbone's input size.
         **options: any keyword argument of :func:`forward` except ``plans``.
 
-    Example:
+    Examples:
         >>> layer = DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=(32, 64))
         >>> out = layer([torch.rand(3, 40, 40)])
         >>> out.unpad()[0].shape

@@ -60,7 +60,7 @@ class Backbone:
         module: the wrapped ``nn.Module``, if any (so that wrappers can register it).
         name: a short description.
 
-    Example:
+    Examples:
         >>> bb = Backbone(lambda x: x.flatten(2).transpose(1, 2), input_size=8)
         >>> bb(torch.rand(2, 3, 8, 8)).shape
         torch.Size([2, 64, 3])
@@ -170,7 +170,7 @@ def as_backbone(
     Raises:
         TypeError: ``model`` is not callable.
 
-    Example:
+    Examples:
         >>> from transformers import ViTConfig, ViTModel
         >>> vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16,
         ...                          num_hidden_layers=1, num_attention_heads=2,
@@ -232,7 +232,7 @@ def load_backbone(
         ValueError: an unknown spec.
         ImportError: the package a spec needs is not installed (with the pip command).
 
-    Example:
+    Examples:
         >>> bb = load_backbone("efficientnet-lite0")
         >>> bb.input_size, bb.mean
         (224, (0.485, 0.456, 0.406))

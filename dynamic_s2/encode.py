@@ -71,7 +71,7 @@ def encode_tiles(
     Returns:
         The backbone's outputs for all tiles, concatenated: ``[T, N, C']`` or ``[T, C', h, w]``.
 
-    Example:
+    Examples:
         >>> calls = []
         >>> def model(x):
         ...     calls.append(x.shape[0])

@@ -47,7 +47,7 @@ class MultiScaleFeatures:
         plans: the plan of every image.
         prefix: ``[B, P, C_total]`` averaged prefix tokens (CLS, registers), or ``None``.
 
-    Example:
+    Examples:
         >>> feats = MultiScaleFeatures(torch.ones(6, 2), [(1, 2), (2, 2)])
         >>> feats.features.shape, feats.mask.sum().item()
         (torch.Size([2, 2, 2, 2]), 6)
@@ -178,7 +178,7 @@ def split_prefix(
     Returns:
         ``(prefix [T, P, C] or None, maps [T, h, w, C])``; ``maps`` may be a view.
 
-    Example:
+    Examples:
         >>> prefix, maps = split_prefix(torch.zeros(2, 17, 8))
         >>> prefix.shape, maps.shape
         (torch.Size([2, 1, 8]), torch.Size([2, 4, 4, 8]))
@@ -288,7 +288,7 @@ def stitch_resample(
         ``[Σ H_b·W_b, S·C]``: image after image in raster order, scales concatenated on channels
         in the order given.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> maps = [torch.arange(4.).view(1, 2, 2, 1), torch.ones(4, 2, 2, 1)]
         >>> layouts = [[TileLayout(np.array([[0]]), (2, 2)),
@@ -388,7 +388,7 @@ def mean_prefix(
     Returns:
         ``[B, P, S·C]``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> layouts = [[TileLayout(np.array([[0, 1]]), (1, 2))]]
         >>> mean_prefix([torch.tensor([[[1.0]], [[3.0]]])], layouts)
@@ -470,7 +470,7 @@ def merge(
     Returns:
         :class:`MultiScaleFeatures` with ``C_total = S·C`` channels, scales ascending.
 
-    Example:
+    Examples:
         >>> from dynamic_s2 import plan_tiles
         >>> plans = [plan_tiles(60, 80, (32, 64)), plan_tiles(64, 32, (32, 64))]
         >>> feats = torch.randn(sum(p.num_tiles for p in plans), 1 + 16, 8)  # CLS + 4x4 tokens

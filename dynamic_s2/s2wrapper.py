@@ -190,7 +190,7 @@ def forward(
         ValueError: any other invalid argument, a size that master semantics cannot split evenly,
             or a model output of the wrong shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dynamic_s2.s2wrapper import forward as multiscale_forward
         >>> patchify = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)

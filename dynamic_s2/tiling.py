@@ -29,7 +29,7 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
     what the original S2-Wrapper used. An unchanged size returns the input as it is. Runs on the
     images' device.
 
-    Example:
+    Examples:
         >>> x = torch.rand(2, 3, 40, 60)
         >>> resize(x, (20, 30)).shape
         torch.Size([2, 3, 20, 30])
@@ -53,7 +53,7 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
 def cut_grid(canvas: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Cut ``[B, C, R·th, Q·tw]`` canvases into ``[B, R·Q, C, th, tw]`` tiles, row-major.
 
-    Example:
+    Examples:
         >>> canvas = torch.arange(16.).reshape(1, 1, 4, 4)
         >>> cut_grid(canvas, (2, 2))[0, 1, 0]
         tensor([[2., 3.],
@@ -71,7 +71,7 @@ class TileBatch:
         tiles: ``[T, C, t, t]``, image-major, then scale ascending, then row-major tiles.
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image.
 
-    Example:
+    Examples:
         >>> from dynamic_s2 import plan_tiles
         >>> batch = tile_images([torch.rand(3, 60, 80)], [plan_tiles(60, 80, (32, 64))])
         >>> batch.tiles.shape, batch.tile_counts
@@ -98,7 +98,7 @@ class TileBatch:
 def collate(batches: Sequence[TileBatch]) -> TileBatch:
     """Concatenate several :class:`TileBatch` es, e.g. as a DataLoader ``collate_fn``.
 
-    Example:
+    Examples:
         >>> from dynamic_s2 import plan_tiles
         >>> one = tile_images([torch.rand(3, 32, 32)], [plan_tiles(32, 32, (32,))])
         >>> collate([one, one]).tiles.shape
@@ -236,7 +236,7 @@ def tile_images(
     Returns:
         A :class:`TileBatch` with tiles ordered image-major, scale ascending, row-major.
 
-    Example:
+    Examples:
         >>> from dynamic_s2 import plan_tiles
         >>> imgs = [torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)]
         >>> batch = tile_images(imgs, [plan_tiles(60, 80, (32, 64))], mean=0.5, std=0.5)
