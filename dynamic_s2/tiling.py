@@ -24,9 +24,11 @@ __all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images"]
 def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
     """Bicubic resize of ``[..., C, H, W]`` images to ``size = (h, w)``.
 
-    ``align_corners=False``; computed in float32 and cast back to the input's dtype (uint8 results
-    are rounded and clamped). ``antialias=True`` is the library's default; ``antialias=False`` is
-    what the original S2-Wrapper used. An unchanged size returns the input as it is. Runs on the
+    ``align_corners=False``. Float images are resized in float32 and cast back to their dtype.
+    uint8 images on the CPU with ``antialias=True`` use torch's integer kernel (the way PIL
+    resizes: faster, and the result is rounded to integers); elsewhere uint8 is resized in float32,
+    rounded and clamped. ``antialias=True`` is the library's default; ``antialias=False`` is what
+    the original S2-Wrapper used. An unchanged size returns the input as it is. Runs on the
     images' device.
 
     Examples:
@@ -35,16 +37,26 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
         torch.Size([2, 3, 20, 30])
         >>> resize(x, (40, 60)) is x
         True
+        >>> resize(torch.zeros(3, 40, 60, dtype=torch.uint8), (20, 30)).dtype
+        torch.uint8
     """
     size = (int(size[0]), int(size[1]))
     if tuple(images.shape[-2:]) == size:
         return images
     lead = images.shape[:-3]
-    flat = images.reshape(-1, *images.shape[-3:]) if len(lead) != 1 else images
+    flat = images.reshape(-1, *images.shape[-3:])
+    native = images.dtype == torch.uint8 and images.device.type == "cpu" and antialias
+    if native:
+        # channels_last is the layout torch's uint8 antialias kernel is fast in
+        flat = flat.contiguous(memory_format=torch.channels_last)
     out = F.interpolate(
-        flat.float(), size=size, mode="bicubic", align_corners=False, antialias=antialias
+        flat if native else flat.float(),
+        size=size,
+        mode="bicubic",
+        align_corners=False,
+        antialias=antialias,
     )
-    if images.dtype == torch.uint8:
+    if images.dtype == torch.uint8 and not native:
         out = out.round_().clamp_(0, 255)
     out = out.to(images.dtype)
     return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out
@@ -195,19 +207,29 @@ def check_plans(plans: object, images: Sequence[torch.Tensor]) -> tuple[TilePlan
     return tuple(plans)
 
 
-def _norm_stats(
-    name: str, value: Sequence[float] | float | None, channels: int
-) -> torch.Tensor | None:
-    if value is None:
-        return None
-    vals = (
-        [float(value)] * channels if isinstance(value, int | float) else [float(v) for v in value]
-    )
-    if len(vals) != channels:
-        raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
-    if name == "std" and any(v == 0 for v in vals):
-        raise ValueError(f"std must not contain zeros, got {value!r}")
-    return torch.tensor(vals, dtype=torch.float32).view(-1, 1, 1)
+def _affine(
+    mean: Sequence[float] | float | None,
+    std: Sequence[float] | float | None,
+    channels: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``x / 255`` then ``(x - mean) / std`` written as ``x * a + b``."""
+    stats = []
+    for name, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        if value is None:
+            vals = [default] * channels
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            vals = [float(value)] * channels
+        elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            vals = [float(v) for v in value]
+        else:
+            raise TypeError(f"{name} must be a number or one number per channel, got {value!r}")
+        if len(vals) != channels:
+            raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
+        stats.append(torch.tensor(vals, dtype=torch.float32).view(-1, 1, 1))
+    m, s = stats
+    if bool((s == 0).any()):
+        raise ValueError(f"std must not contain zeros, got {std!r}")
+    return 1.0 / (255.0 * s), -m / s
 
 
 def tile_images(
@@ -217,6 +239,7 @@ def tile_images(
     mean: Sequence[float] | float | None = None,
     std: Sequence[float] | float | None = None,
     pad_value: float = 0.0,
+    uint8_resize: bool = False,
 ) -> TileBatch:
     """Resize each image to every scale of its plan and cut it into tiles.
 
@@ -228,6 +251,9 @@ def tile_images(
         mean: per-channel mean for uint8 images.
         std: per-channel standard deviation for uint8 images.
         pad_value: value of the canvas outside the content (``fit="pad"``), after normalisation.
+        uint8_resize: resize uint8 images in uint8 and normalise afterwards (see :func:`resize`:
+            on the CPU this is torch's integer kernel, which resizes the way PIL does and is
+            several times faster, at the price of rounding to integers before normalising).
 
     Each image is resized to the content size of every scale (bicubic, antialias, align_corners
     False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
@@ -246,12 +272,15 @@ def tile_images(
     items = check_images(images)
     plan_list = check_plans(plans, items)
     channels = items[0].shape[0]
-    m = _norm_stats("mean", mean, channels)
-    s = _norm_stats("std", std, channels)
+    scale, shift = _affine(mean, std, channels)
     uint8 = items[0].dtype == torch.uint8
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device
     t = plan_list[0].tile_size
+    scale, shift = scale.to(device), shift.to(device)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised float32, one pass
+        return torch.addcmul(shift, x.to(torch.float32), scale)
 
     # Host arithmetic: the first tile index of every (image, scale), and groups of equal work:
     # images of one size are stacked once, then resized together per (content size, grid).
@@ -267,12 +296,12 @@ def tile_images(
         by_size[p.image_size].append(b)
 
     tiles = torch.empty((offset, channels, t, t), dtype=out_dtype, device=device)
-    m = None if m is None else m.to(device)
-    s = None if s is None else s.to(device)
     for members in by_size.values():
         stack = torch.stack([items[b] for b in members])
-        if uint8:
-            stack = stack.float().div_(255.0)
+        if uint8 and not uint8_resize:  # resize is linear: normalising first is equivalent
+            stack = normalise(stack)
+        elif uint8 and device.type == "cpu":  # the layout torch's uint8 kernel wants, made once
+            stack = stack.contiguous(memory_format=torch.channels_last)
         work: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]
         work = defaultdict(list)
         for row, b in enumerate(members):
@@ -282,17 +311,25 @@ def tile_images(
             rows = [row for row, _ in jobs]
             src = stack if rows == list(range(stack.shape[0])) else stack[rows]
             resized = resize(src, content)
-            if uint8 and m is not None:
-                resized = resized - m
-            if uint8 and s is not None:
-                resized = resized / s
             ch, cw = grid[0] * t, grid[1] * t
             if content != (ch, cw):
+                if resized.dtype == torch.uint8:
+                    resized = normalise(resized)
                 resized = F.pad(resized, (0, cw - content[1], 0, ch - content[0]), value=pad_value)
+            # [G, C, R*t, Q*t] -> [G, R, Q, C, t, t] as a view; one pass writes (and, for uint8,
+            # normalises) it into the tiles.
+            g = resized.shape[0]
+            cut = resized.view(g, channels, grid[0], t, grid[1], t).permute(0, 2, 4, 1, 3, 5)
             n = grid[0] * grid[1]
+            if g == 1:
+                dst_view = tiles[jobs[0][1] : jobs[0][1] + n].view(1, *grid, channels, t, t)
+                if resized.dtype == torch.uint8:
+                    torch.addcmul(shift, cut, scale, out=dst_view)
+                else:
+                    dst_view.copy_(cut)
+                continue
+            values = normalise(cut) if resized.dtype == torch.uint8 else cut
             dst = torch.tensor([start for _, start in jobs], device=device)
             dst = (dst[:, None] + torch.arange(n, device=device)).reshape(-1)
-            tiles.index_copy_(
-                0, dst, cut_grid(resized, grid).reshape(-1, channels, t, t).to(out_dtype)
-            )
+            tiles.index_copy_(0, dst, values.reshape(-1, channels, t, t).to(out_dtype))
     return TileBatch(tiles, plan_list)
