@@ -1,0 +1,960 @@
+"""Folder of images → sharded multi-scale features: crash-safe, resumable and distributed.
+
+:func:`extract` reads images with Pillow in :class:`torch.utils.data.DataLoader` workers (EXIF
+orientation applied, converted to RGB), plans and tiles them there, encodes and merges the tiles in
+the main process and writes, in the output folder:
+
+- ``shard-00000.safetensors``, ``shard-00001.safetensors``, ...: one ``[h, w, C_total]`` tensor per
+  image under a key such as ``"img-000123"`` (plus ``"img-000123.prefix"``, ``[P, C_total]``, for
+  backbones with prefix tokens);
+- ``manifest.jsonl``: one JSON line per image (see :func:`read_manifest`);
+- ``errors.jsonl``: one JSON line per image that could not be read (only when some failed);
+- ``extract.json``: the settings of the run, checked when a run is resumed.
+
+Crash safety: a shard is written under a temporary name, flushed to disk and atomically renamed;
+the manifest lines of its images are appended (and flushed to disk) only afterwards. A killed run
+loses at most the images of the shard it was filling. Re-running the same command skips every image
+whose path, file size and modification time are already in the manifest; ``overwrite=True`` starts
+afresh.
+
+Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set, ``WORLD_SIZE > 1``) the sorted input list is
+split across ranks (image ``i`` goes to rank ``i % world_size``), every rank writes its own shards
+(``shard-r{rank}-00000.safetensors``) and manifest part (``manifest-r{rank}.jsonl``), and rank 0
+merges the parts into ``manifest.jsonl`` at the end.
+
+Pillow, safetensors and tqdm come with the ``demo`` extra: ``pip install "dynamic_s2[demo]"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbones import as_backbone, load_backbone
+from .encode import encode_tiles
+from .merge import merge
+from .plan import TilePlan, plan_tiles
+from .tiling import TileBatch, collate, tile_images
+
+__all__ = [
+    "EXIT_SOME_FAILED",
+    "IMAGE_SUFFIXES",
+    "ExtractResult",
+    "ExtractWarning",
+    "extract",
+    "find_images",
+    "load_features",
+    "read_manifest",
+]
+
+#: File suffixes (lower case) that :func:`find_images` treats as images.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+#: Exit status of ``dynamic-s2 extract`` when some images could not be read.
+EXIT_SOME_FAILED = 3
+
+MANIFEST = "manifest.jsonl"
+ERRORS = "errors.jsonl"
+CONFIG = "extract.json"
+_FORMAT = "dynamic_s2.extract/1"
+#: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
+_SHARD_MAX_BYTES = 1 << 30
+#: Testing aid: seconds to sleep after every batch, so that a test can kill a run mid-way.
+_DELAY_ENV = "DYNAMIC_S2_EXTRACT_DELAY"
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_SHARD_RE = re.compile(r"^shard-(?:r(\d+)-)?(\d+)\.safetensors$")
+_PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
+
+
+class ExtractWarning(UserWarning):
+    """Warned when an image cannot be read; the run goes on without it."""
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"dynamic_s2.extract needs {module.split('.')[0]!r}, which is not installed; "
+            'install the demo extra: pip install "dynamic_s2[demo]"'
+        ) from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def find_images(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """List the image files named by ``inputs``: files, and folders searched recursively.
+
+    Folders contribute every file whose suffix is in :data:`IMAGE_SUFFIXES` (case-insensitive);
+    hidden files and folders (names starting with ``.``) are skipped. A file named explicitly is
+    kept whatever its suffix. Paths are made absolute, de-duplicated and sorted, so the list (and
+    the split across ranks) is the same on every run.
+
+    Args:
+        inputs: one path or a sequence of paths.
+
+    Returns:
+        Sorted absolute paths.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        TypeError: ``inputs`` is not a path or a sequence of paths.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from dynamic_s2.extract import find_images
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("b.PNG", "a/c.jpg", "a/notes.txt"):
+        ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
+        ...     _ = (root / name).write_bytes(b"")
+        >>> [p.relative_to(root).as_posix() for p in find_images(root)]
+        ['a/c.jpg', 'b.PNG']
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        items: list[Any] = [inputs]
+    elif isinstance(inputs, Sequence):
+        items = list(inputs)
+    else:
+        raise TypeError(
+            f"inputs: expected a path or a sequence of paths, got {type(inputs).__name__}"
+        )
+    found: set[Path] = set()
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"inputs: expected paths, got an item of type {type(item).__name__}")
+        path = Path(item).expanduser().absolute()
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.add(Path(dirpath) / name)
+        elif path.exists():
+            found.add(path)
+        else:
+            raise FileNotFoundError(f"inputs: {os.fspath(item)!r} does not exist")
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read an image file as a uint8 ``[3, H, W]`` tensor, the way :func:`extract` does.
+
+    Pillow opens the file, applies its EXIF orientation and converts it to RGB (greyscale, CMYK,
+    palette and alpha images become three channels).
+
+    Examples:
+        >>> import tempfile, os
+        >>> from PIL import Image
+        >>> from dynamic_s2.extract import read_image
+        >>> path = os.path.join(tempfile.mkdtemp(), "grey.png")
+        >>> Image.new("L", (5, 3), 128).save(path)
+        >>> read_image(path).shape
+        torch.Size([3, 3, 5])
+    """
+    np = _require("numpy")
+    pil_image = _require("PIL.Image")
+    image_ops = _require("PIL.ImageOps")
+    with pil_image.open(path) as opened:
+        image = image_ops.exif_transpose(opened)
+        if image is None:  # older Pillow with in_place semantics
+            image = opened
+        array = np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# data loading (runs in DataLoader workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    index: int  # position in the sorted list of all inputs (gives the key)
+    path: str
+    nbytes: int
+    mtime_ns: int
+
+
+@dataclasses.dataclass
+class _Loaded:
+    job: _Job
+    batch: TileBatch
+
+
+@dataclasses.dataclass
+class _Failed:
+    job: _Job
+    error: str
+    message: str
+
+
+@dataclasses.dataclass
+class _Batch:
+    jobs: list[_Job]
+    plans: tuple[TilePlan, ...]
+    tiles: torch.Tensor | None
+    failed: list[_Failed]
+
+    def pin_memory(self) -> _Batch:
+        tiles = None if self.tiles is None else self.tiles.pin_memory()
+        return _Batch(self.jobs, self.plans, tiles, self.failed)
+
+
+class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        jobs: list[_Job],
+        scales: tuple[int, ...],
+        tile_size: int | None,
+        max_tiles: int | tuple[int, ...] | None,
+        policy: str,
+        fit: str,
+        mean: tuple[float, ...] | None,
+        std: tuple[float, ...] | None,
+    ) -> None:
+        self.jobs = jobs
+        self.scales = scales
+        self.tile_size = tile_size
+        self.max_tiles = max_tiles
+        self.policy = policy
+        self.fit = fit
+        self.mean = mean
+        self.std = std
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> _Loaded | _Failed:
+        job = self.jobs[i]
+        try:
+            image = read_image(job.path)
+            plan = plan_tiles(
+                int(image.shape[1]),
+                int(image.shape[2]),
+                self.scales,
+                tile_size=self.tile_size,
+                max_tiles=self.max_tiles,
+                policy=self.policy,  # type: ignore[arg-type]
+                fit=self.fit,  # type: ignore[arg-type]
+            )
+            batch = tile_images([image], [plan], mean=self.mean, std=self.std)
+        except Exception as exc:  # one bad file never stops the run
+            return _Failed(job, type(exc).__name__, str(exc))
+        return _Loaded(job, batch)
+
+
+def _collate(items: list[_Loaded | _Failed]) -> _Batch:
+    loaded = [x for x in items if isinstance(x, _Loaded)]
+    failed = [x for x in items if isinstance(x, _Failed)]
+    if not loaded:
+        return _Batch([], (), None, failed)
+    joined = collate([x.batch for x in loaded])
+    return _Batch([x.job for x in loaded], tuple(joined.plans), joined.tiles, failed)
+
+
+def _worker_init(worker_id: int) -> None:
+    del worker_id
+    torch.set_num_threads(1)  # the workers only tile; leave the cores to the encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# durable files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    safetensors_torch = _require("safetensors.torch")
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _append_durable(f: Any, lines: Sequence[str]) -> None:
+    if not lines:
+        return
+    f.write("".join(line + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a crash; its image is simply extracted again
+            if isinstance(entry, dict):
+                yield entry
+
+
+def _part_rank(path: Path) -> int:
+    match = _PART_RE.match(path.name)
+    return int(match.group(2)) if match else -1
+
+
+def _manifest_files(out_dir: Path) -> list[Path]:
+    parts = sorted(out_dir.glob("manifest-r*.jsonl"), key=_part_rank)
+    return [out_dir / MANIFEST, *[p for p in parts if _part_rank(p) >= 0]]
+
+
+def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read the manifest of an extraction folder: one dict per image, in file order.
+
+    Each entry holds:
+
+    - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
+      modification time when it was read (the resume key, with ``path``);
+    - ``size``: ``[h, w]`` of the image after EXIF orientation;
+    - ``shard`` and ``key``: the safetensors file (relative to the folder) and the tensor name;
+    - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
+    - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
+      the prefix tokens stored under ``key + ".prefix"``, or ``None``;
+    - ``plan``: the :class:`~dynamic_s2.plan.TilePlan` as ``to_dict()``.
+
+    Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
+    When an image appears more than once (it changed and was extracted again), the last entry wins.
+
+    Examples:
+        >>> import tempfile
+        >>> from dynamic_s2.extract import read_manifest
+        >>> read_manifest(tempfile.mkdtemp())
+        []
+    """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+    latest: dict[str, dict[str, Any]] = {}
+    for path in _manifest_files(Path(out_dir)):
+        for entry in _iter_jsonl(path):
+            if isinstance(entry.get("path"), str):
+                latest.pop(entry["path"], None)
+                latest[entry["path"]] = entry
+    return list(latest.values())
+
+
+def load_features(
+    out_dir: str | os.PathLike[str],
+    entry: dict[str, Any],
+    *,
+    prefix: bool = False,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Load the features of one manifest entry: ``[h, w, C_total]`` (or the ``[P, C_total]``
+    prefix tokens with ``prefix=True``).
+
+    Examples:
+        >>> import tempfile
+        >>> from dynamic_s2.extract import load_features
+        >>> load_features(tempfile.mkdtemp(), {"shard": 3})
+        Traceback (most recent call last):
+            ...
+        ValueError: entry: expected a manifest entry with string 'shard' and 'key', got {'shard': 3}
+    """
+    if not isinstance(entry, dict) or not all(
+        isinstance(entry.get(k), str) for k in ("shard", "key")
+    ):
+        raise ValueError(
+            f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
+        )
+    safetensors = _require("safetensors")
+    key = entry["key"] + (".prefix" if prefix else "")
+    with safetensors.safe_open(
+        os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)
+    ) as f:
+        tensor: torch.Tensor = f.get_tensor(key)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclasses.dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    active: bool = False  # a process group is used
+    owned: bool = False  # we initialised it (and destroy it)
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    def all_sum(self, value: int) -> int:
+        """Sum ``value`` over ranks; also a barrier."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return int(t.cpu()[0])
+
+    def barrier(self) -> None:
+        self.all_sum(0)
+
+
+def _setup_dist(device: torch.device) -> tuple[_Dist, torch.device]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        ctx = _Dist(dist.get_rank(), dist.get_world_size(), local_rank, active=True)
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1 or "RANK" not in os.environ:
+            return _Dist(), device
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        # Ranks finish at different times; the final barrier must not time out on a big job.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(days=7))
+        ctx = _Dist(dist.get_rank(), dist.get_world_size(), local_rank, True, True)
+    if dist.get_backend() == "nccl":
+        if device.type != "cuda":
+            raise ValueError(f"device: the process group uses nccl, which needs cuda, got {device}")
+        ctx.device = device
+    return ctx, device
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractResult:
+    """What :func:`extract` did in this process.
+
+    Attributes:
+        out_dir: the output folder.
+        extracted: images encoded and written by this process in this run.
+        skipped: images of this process found in the manifest and not redone.
+        failed: images of this process that could not be read (listed in ``errors.jsonl``).
+        failed_total: failed images over all ranks (equals ``failed`` without torch.distributed).
+        shards: shard files written by this process in this run.
+        seconds: wall-clock time of the run.
+        rank: this process's rank (0 without torch.distributed).
+        world_size: the number of ranks (1 without torch.distributed).
+    """
+
+    out_dir: Path
+    extracted: int
+    skipped: int
+    failed: int
+    failed_total: int
+    shards: tuple[Path, ...]
+    seconds: float
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def manifest(self) -> Path:
+        """The merged manifest, ``out_dir / "manifest.jsonl"``."""
+        return self.out_dir / MANIFEST
+
+    @property
+    def errors(self) -> Path | None:
+        """``out_dir / "errors.jsonl"`` when some image failed, else ``None``."""
+        return self.out_dir / ERRORS if self.failed_total else None
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> Any:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+def _clean(out_dir: Path) -> None:
+    """Remove every file an earlier extraction wrote (only ours; the folder stays)."""
+    for path in out_dir.iterdir():
+        name = path.name
+        ours = (
+            _SHARD_RE.match(name.removesuffix(".tmp"))
+            or _PART_RE.match(name.removesuffix(".tmp"))
+            or name.removesuffix(".tmp") in (MANIFEST, ERRORS, CONFIG)
+        )
+        if ours and path.is_file():
+            path.unlink()
+    _fsync_dir(out_dir)
+
+
+def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
+    path = out_dir / CONFIG
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"out_dir: {os.fspath(out_dir)!r} holds features extracted with other settings "
+            f"({details}); pass overwrite=True (--overwrite) to start afresh, or use another folder"
+        )
+
+
+def _merge_parts(out_dir: Path) -> None:
+    """Rank 0 at the end: fold manifest parts into manifest.jsonl (last entry per path wins), and
+    error parts into errors.jsonl."""
+    files = [p for p in _manifest_files(out_dir) if p.exists()]
+    parts = files[1:] if files and files[0].name == MANIFEST else files
+    # Which line of which file is the last entry for each path.
+    last: dict[str, tuple[int, int]] = {}
+    count = 0
+    for fi, path in enumerate(files):
+        for li, entry in enumerate(_iter_jsonl(path)):
+            count += 1
+            if isinstance(entry.get("path"), str):
+                last[entry["path"]] = (fi, li)
+    if parts or count != len(last):
+        keep = set(last.values())
+        lines = [
+            json.dumps(entry)
+            for fi, path in enumerate(files)
+            for li, entry in enumerate(_iter_jsonl(path))
+            if (fi, li) in keep
+        ]
+        _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
+        for part in parts:
+            part.unlink()
+        _fsync_dir(out_dir)
+    # Error parts are this run's (rank 0 removed older ones at the start).
+    error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
+    if error_parts:
+        data = b"".join(p.read_bytes() for p in error_parts)
+        if data:
+            _write_durable(out_dir / ERRORS, data)
+        for part in error_parts:
+            part.unlink()
+        _fsync_dir(out_dir)
+
+
+def extract(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    backbone: Any = "efficientnet-lite0",
+    scales: Sequence[int] | None = None,
+    tile_size: int | None = None,
+    max_tiles: int | Sequence[int] | None = None,
+    policy: str = "aspect",
+    fit: str = "stretch",
+    output_scale: int = -1,
+    resample: str = "area",
+    batch_images: int = 8,
+    max_batch_tiles: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    workers: int = 2,
+    shard_size: int = 100,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract multi-scale features of every image under ``inputs`` into sharded safetensors.
+
+    See the module documentation for the files written. Images that cannot be read are skipped
+    with an :class:`ExtractWarning` and listed in ``out_dir/errors.jsonl``; the run goes on.
+
+    Args:
+        inputs: image files and folders (searched recursively, see :func:`find_images`).
+        out_dir: output folder, created if needed.
+        backbone: a spec for :func:`dynamic_s2.backbones.load_backbone` (``"efficientnet-lite0"``,
+            ``"hf:NAME_OR_PATH"``, ``"timm:NAME"``) or a model accepted by
+            :func:`dynamic_s2.backbones.as_backbone` (used as it is, on its own device).
+        scales: pixel scales; default ``(t, 2t, 3t)`` with ``t`` the backbone's input size.
+        tile_size: tile side; default the backbone's input size.
+        max_tiles, policy, fit: as in :func:`dynamic_s2.plan_tiles`.
+        output_scale, resample: as in :func:`dynamic_s2.merge`.
+        batch_images: images per DataLoader batch.
+        max_batch_tiles: most tiles per backbone call (``None``: a whole batch at once).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default cuda when available. Under
+            torchrun, ``"cuda"`` means the rank's ``LOCAL_RANK`` GPU.
+        dtype: dtype of the stored features: ``"float32"``, ``"float16"`` or ``"bfloat16"``. On
+            cuda the backbone also runs in it; on cpu it runs in float32 and the output is cast.
+        workers: DataLoader worker processes (0 reads images in the main process).
+        shard_size: most images per shard (a shard is also closed at 1 GiB).
+        overwrite: delete earlier results in ``out_dir`` and start afresh.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`ExtractResult`; ``result.failed_total > 0`` means some images failed.
+
+    Raises:
+        ValueError, TypeError: invalid arguments, no images found, or ``out_dir`` holding
+            results of other settings (without ``overwrite``).
+
+    Examples:
+        >>> import tempfile, os, torch
+        >>> from PIL import Image
+        >>> from dynamic_s2.extract import extract, read_manifest, load_features
+        >>> folder = tempfile.mkdtemp()
+        >>> Image.new("RGB", (64, 64), "teal").save(os.path.join(folder, "a.png"))
+        >>> out = os.path.join(tempfile.mkdtemp(), "features")
+        >>> pool = torch.nn.AvgPool2d(8)   # a stand-in backbone: [T, 3, 32, 32] -> [T, 3, 4, 4]
+        >>> result = extract(folder, out, backbone=pool, scales=(32, 64), workers=0,
+        ...                  progress=False)
+        >>> result.extracted, result.failed
+        (1, 0)
+        >>> entry = read_manifest(out)[0]
+        >>> entry["grids"], entry["shape"], entry["shard"]
+        ([[1, 1], [2, 2]], [8, 8, 6], 'shard-00000.safetensors')
+        >>> load_features(out, entry).shape
+        torch.Size([8, 8, 6])
+        >>> extract(folder, out, backbone=pool, scales=(32, 64), workers=0,
+        ...         progress=False).skipped
+        1
+    """
+    start = time.perf_counter()
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+    batch_images = _positive_int("batch_images", batch_images)
+    max_batch_tiles = _positive_int("max_batch_tiles", max_batch_tiles, allow_none=True)
+    workers = _positive_int("workers", workers, minimum=0)
+    shard_size = _positive_int("shard_size", shard_size)
+    out_dtype = _resolve_dtype(dtype)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} was requested but CUDA is not available here")
+    paths = find_images(inputs)
+    if not paths:
+        raise ValueError(f"inputs: no image files found in {inputs!r}")
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
+    tqdm = _require("tqdm").tqdm
+    _require("safetensors.torch")
+    _require("PIL.Image")
+
+    ctx, dev = _setup_dist(dev)
+    try:
+        compute_dtype = out_dtype if dev.type == "cuda" else torch.float32
+        if isinstance(backbone, str):
+            spec = backbone
+            model = load_backbone(backbone, device=dev, dtype=compute_dtype)
+        else:
+            spec = f"<{type(backbone).__module__}.{type(backbone).__qualname__}>"
+            model = as_backbone(backbone)
+        input_size = getattr(model, "input_size", None)
+        if tile_size is None and input_size:
+            tile_size = int(input_size)
+        if scales is None:
+            if not tile_size:
+                raise ValueError(
+                    "scales: the backbone does not say its input size; pass scales explicitly"
+                )
+            scales = (tile_size, 2 * tile_size, 3 * tile_size)
+        scale_tuple = tuple(scales)
+        caps = tuple(max_tiles) if isinstance(max_tiles, Sequence) else max_tiles
+        # Fail early (in this process) on bad planning arguments, rather than once per image.
+        plan_tiles(
+            scale_tuple[-1],
+            scale_tuple[-1],
+            scale_tuple,
+            tile_size=tile_size,
+            max_tiles=caps,
+            policy=policy,  # type: ignore[arg-type]
+            fit=fit,  # type: ignore[arg-type]
+        )
+        config = {
+            "format": _FORMAT,
+            "backbone": spec,
+            "scales": list(scale_tuple),
+            "tile_size": tile_size,
+            "max_tiles": list(caps) if isinstance(caps, tuple) else caps,
+            "policy": policy,
+            "fit": fit,
+            "output_scale": output_scale,
+            "resample": resample,
+            "dtype": _dtype_name(out_dtype),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        if not overwrite:
+            _check_config(out, config)
+        ctx.barrier()
+        if ctx.rank == 0:
+            if overwrite:
+                _clean(out)
+            # errors.jsonl lists the failures of the latest run only.
+            (out / ERRORS).unlink(missing_ok=True)
+            for part in out.glob("errors-r*.jsonl"):
+                part.unlink()
+            _write_durable(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+        ctx.barrier()
+
+        # This rank's files, and what earlier runs left.
+        # Without torch.distributed: shard-00000.safetensors and manifest.jsonl; rank r of a
+        # distributed run: shard-r{r}-00000.safetensors and manifest-r{r}.jsonl.
+        own_rank = str(ctx.rank) if ctx.active else ""
+        tag = f"r{ctx.rank}-" if ctx.active else ""
+        own_manifest = out / (f"manifest-r{ctx.rank}.jsonl" if ctx.active else MANIFEST)
+        own_errors = out / (f"errors-r{ctx.rank}.jsonl" if ctx.active else ERRORS)
+        _drop_torn_tail(own_manifest)
+        own_shards: dict[str, int] = {}
+        for path in out.iterdir():
+            m = _SHARD_RE.match(path.name.removesuffix(".tmp"))
+            if m is None or (m.group(1) or "") != own_rank:
+                continue
+            if path.name.endswith(".tmp"):
+                path.unlink()  # an interrupted shard write
+            else:
+                own_shards[path.name] = int(m.group(2))
+        existing_shards = {p.name for p in out.glob("shard-*.safetensors")}
+        done: set[tuple[str, int, int]] = set()
+        referenced: set[str] = set()
+        for entry in read_manifest(out):
+            shard = entry.get("shard")
+            if shard in existing_shards:
+                referenced.add(shard)
+                done.add((entry.get("path"), entry.get("bytes"), entry.get("mtime_ns")))  # type: ignore[arg-type]
+        for name in own_shards:
+            if name not in referenced:  # written, but its manifest lines never made it
+                (out / name).unlink()
+        next_shard = max(own_shards.values(), default=-1) + 1
+
+        jobs: list[_Job] = []
+        skipped = 0
+        missing: list[_Failed] = []
+        for index in range(ctx.rank, len(paths), ctx.world_size):
+            path = paths[index]
+            try:
+                st = path.stat()
+            except OSError as exc:
+                missing.append(
+                    _Failed(_Job(index, str(path), -1, -1), type(exc).__name__, str(exc))
+                )
+                continue
+            job = _Job(index, str(path), st.st_size, st.st_mtime_ns)
+            if (job.path, job.nbytes, job.mtime_ns) in done:
+                skipped += 1
+            else:
+                jobs.append(job)
+
+        dataset = _ImageDataset(
+            jobs,
+            scale_tuple,
+            tile_size,
+            caps,
+            policy,
+            fit,
+            getattr(model, "mean", None),
+            getattr(model, "std", None),
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_images,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=dev.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+        )
+        delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+        num_prefix = getattr(model, "num_prefix_tokens", None)
+        metadata = {"format": _FORMAT, "backbone": spec}
+
+        shard_tensors: dict[str, torch.Tensor] = {}
+        shard_lines: list[str] = []
+        shard_bytes = 0
+        written: list[Path] = []
+        extracted = 0
+        failed = 0
+
+        with open(own_manifest, "a", encoding="utf-8") as manifest_file:
+
+            def flush() -> None:
+                nonlocal shard_tensors, shard_lines, shard_bytes, next_shard
+                if not shard_tensors:
+                    return
+                shard_path = out / f"shard-{tag}{next_shard:05d}.safetensors"
+                _save_shard(shard_path, shard_tensors, metadata)
+                _append_durable(manifest_file, shard_lines)  # only after the shard is durable
+                written.append(shard_path)
+                next_shard += 1
+                shard_tensors, shard_lines, shard_bytes = {}, [], 0
+
+            def record_failure(item: _Failed) -> None:
+                nonlocal failed
+                failed += 1
+                warnings.warn(
+                    f"skipping {item.job.path}: {item.error}: {item.message}",
+                    ExtractWarning,
+                    stacklevel=2,
+                )
+                line = json.dumps(
+                    {"path": item.job.path, "error": item.error, "message": item.message}
+                )
+                with open(own_errors, "a", encoding="utf-8") as f:
+                    _append_durable(f, [line])
+
+            bar = tqdm(
+                total=len(jobs) + len(missing),
+                unit="img",
+                desc=f"extract r{ctx.rank}" if ctx.active else "extract",
+                position=ctx.rank if ctx.active else None,
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            with bar:
+                for item in missing:
+                    record_failure(item)
+                    bar.update(1)
+                for batch in loader if jobs else ():
+                    for item in batch.failed:
+                        record_failure(item)
+                    if batch.tiles is not None:
+                        with torch.inference_mode():
+                            tiles = batch.tiles.to(dev, compute_dtype, non_blocking=True)
+                            feats = encode_tiles(model, tiles, max_batch_tiles=max_batch_tiles)
+                            merged = merge(
+                                feats,
+                                list(batch.plans),
+                                output_scale=output_scale,
+                                resample=resample,  # type: ignore[arg-type]
+                                num_prefix_tokens=num_prefix,
+                            )
+                            maps = merged.unpad()
+                            prefix = merged.prefix
+                        for i, (job, plan, fmap) in enumerate(
+                            zip(batch.jobs, batch.plans, maps, strict=True)
+                        ):
+                            key = f"img-{job.index:06d}"
+                            stored = fmap.to(device="cpu", dtype=out_dtype, copy=True)
+                            shard_tensors[key] = stored.contiguous()
+                            prefix_shape = None
+                            if prefix is not None:
+                                p = prefix[i].to(device="cpu", dtype=out_dtype, copy=True)
+                                shard_tensors[key + ".prefix"] = p.contiguous()
+                                prefix_shape = list(p.shape)
+                                shard_bytes += p.numel() * p.element_size()
+                            shard_bytes += stored.numel() * stored.element_size()
+                            entry = {
+                                "path": job.path,
+                                "bytes": job.nbytes,
+                                "mtime_ns": job.mtime_ns,
+                                "size": list(plan.image_size),
+                                "shard": f"shard-{tag}{next_shard:05d}.safetensors",
+                                "key": key,
+                                "shape": list(stored.shape),
+                                "dtype": _dtype_name(out_dtype),
+                                "grids": [list(sp.grid) for sp in plan.scales],
+                                "prefix": prefix_shape,
+                                "plan": plan.to_dict(),
+                            }
+                            shard_lines.append(json.dumps(entry))
+                            extracted += 1
+                            if len(shard_lines) >= shard_size or shard_bytes >= _SHARD_MAX_BYTES:
+                                flush()
+                    bar.update(len(batch.jobs) + len(batch.failed))
+                    if failed:
+                        bar.set_postfix(failed=failed, refresh=False)
+                    if delay:
+                        time.sleep(delay)
+                flush()
+
+        failed_total = ctx.all_sum(failed)  # also waits for every rank to finish
+        if ctx.rank == 0:
+            _merge_parts(out)
+        ctx.barrier()
+    finally:
+        if ctx.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return ExtractResult(
+        out,
+        extracted,
+        skipped,
+        failed,
+        failed_total,
+        tuple(written),
+        time.perf_counter() - start,
+        ctx.rank,
+        ctx.world_size,
+    )
