@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
-from .encode import encode_tiles
-from .merge import MultiScaleFeatures, check_plan_list, merge
+from .encode import check_chunking, encode_tiles
+from .merge import RESAMPLE_MODES, MultiScaleFeatures, check_plan_list, merge
 from .plan import Fit, Policy, TilePlan, plan_tiles
 from .tiling import check_images, tile_images
 
@@ -56,6 +56,11 @@ def _make_plans(
                 raise ValueError(
                     f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] "
                     f"is {(img.shape[-2], img.shape[-1])} (h, w)"
+                )
+            if tile_size is not None and p.tile_size != tile_size:
+                raise ValueError(
+                    f"tile_size={tile_size!r} disagrees with plans[{i}], made for tile_size "
+                    f"{p.tile_size}: give one or the other"
                 )
             if scales is not None and tuple(sp.scale for sp in p.scales) != tuple(scales):
                 raise ValueError(
@@ -160,6 +165,24 @@ def forward(
     )
 
 
+def _check_options(scales: tuple[int, ...], options: dict[str, Any]) -> None:
+    """Validate :class:`DynamicS2`'s options up front, with the same checks the stages make."""
+    dry = plan_tiles(
+        64,
+        64,
+        scales,
+        tile_size=options.get("tile_size"),
+        max_tiles=options.get("max_tiles"),
+        policy=options.get("policy", "aspect"),
+        fit=options.get("fit", "stretch"),
+    )
+    dry.scale_index(options.get("output_scale", -1), "output_scale")
+    resample = options.get("resample", "area")
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    check_chunking(options.get("max_batch_tiles"), options.get("pad_to_multiple"))
+
+
 _OPTIONS = {
     "tile_size",
     "max_tiles",
@@ -205,9 +228,19 @@ class DynamicS2(nn.Module):
                 f"DynamicS2 got unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
             )
         self.feature_layer = options.pop("feature_layer", None)
-        self.adapter = as_backbone(backbone, feature_layer=self.feature_layer)
+        self.adapter = as_backbone(
+            backbone,
+            feature_layer=self.feature_layer,
+            num_prefix_tokens=options.get("num_prefix_tokens"),
+        )
         self.backbone = self.adapter.module
-        self.scales = tuple(scales) if scales is not None else default_scales(self.adapter)
+        self.scales: tuple[int, ...]
+        if scales is None:
+            self.scales = default_scales(self.adapter)
+            options.setdefault("tile_size", self.adapter.input_size)
+        else:
+            self.scales = (scales,) if isinstance(scales, int) else tuple(scales)
+        _check_options(self.scales, options)
         self.options = options
 
     def forward(
@@ -218,13 +251,7 @@ class DynamicS2(nn.Module):
         """Run :func:`forward` on ``images`` (and optional ``plans``)."""
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
             self.adapter = as_backbone(self.backbone, feature_layer=self.feature_layer)
-        return forward(
-            self.adapter,
-            images,
-            None if plans is not None else self.scales,
-            plans=plans,
-            **self.options,
-        )
+        return forward(self.adapter, images, self.scales, plans=plans, **self.options)
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}, options={self.options}"

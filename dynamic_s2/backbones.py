@@ -179,6 +179,10 @@ def as_backbone(
         >>> bb.input_size, bb.num_prefix_tokens, bb(torch.rand(2, 3, 32, 32)).shape
         (32, 1, torch.Size([2, 17, 16]))
     """
+    if feature_layer is not None and (
+        isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
+    ):
+        raise TypeError(f"feature_layer must be an int or None, got {feature_layer!r}")
     if isinstance(model, Backbone):
         backbone = model
     elif not callable(model):
@@ -206,6 +210,10 @@ def as_backbone(
             f"got {type(model).__name__}"
         )
     if num_prefix_tokens is not None:
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+            raise TypeError(f"num_prefix_tokens must be an int or None, got {num_prefix_tokens!r}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         backbone = replace(backbone, num_prefix_tokens=num_prefix_tokens)
     return backbone
 

@@ -26,6 +26,20 @@ def _check_optional_positive(name: str, value: object) -> int | None:
     return value
 
 
+def check_chunking(
+    max_batch_tiles: object, pad_to_multiple: object
+) -> tuple[int | None, int | None]:
+    """Validate ``max_batch_tiles`` and ``pad_to_multiple``; return them."""
+    chunk = _check_optional_positive("max_batch_tiles", max_batch_tiles)
+    multiple = _check_optional_positive("pad_to_multiple", pad_to_multiple)
+    if chunk is not None and multiple is not None and multiple > chunk:
+        raise ValueError(
+            f"pad_to_multiple={multiple} exceeds max_batch_tiles={chunk}: padded chunks would "
+            "break the memory bound"
+        )
+    return chunk, multiple
+
+
 def _check_output(out: object, expected: int, chunk_shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -82,8 +96,7 @@ def encode_tiles(
         [4, 4, 2]
     """
     backbone = as_backbone(model, feature_layer=feature_layer)
-    chunk = _check_optional_positive("max_batch_tiles", max_batch_tiles)
-    multiple = _check_optional_positive("pad_to_multiple", pad_to_multiple)
+    chunk, multiple = check_chunking(max_batch_tiles, pad_to_multiple)
     if not isinstance(tiles, torch.Tensor):
         raise TypeError(f"tiles must be a torch.Tensor, got {type(tiles).__name__}")
     if tiles.dim() != 4 or tiles.shape[0] == 0:

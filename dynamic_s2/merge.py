@@ -191,6 +191,8 @@ def split_prefix(
         raise TypeError(f"num_prefix_tokens must be an int or None, got {num_prefix_tokens!r}")
     if num_prefix_tokens is not None and num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if features.dim() in (3, 4) and features.shape[-1 if features.dim() == 3 else 1] == 0:
+        raise ValueError(f"tile_features have no channels: shape {tuple(features.shape)}")
     if features.dim() == 4:
         if num_prefix_tokens:
             raise ValueError(
@@ -433,8 +435,10 @@ def check_plan_list(plans: object) -> list[TilePlan]:
     """Validate a non-empty list of plans with one tile size and one number of scales."""
     if isinstance(plans, TilePlan):
         plans = [plans]
-    if not isinstance(plans, Sequence) or isinstance(plans, str | bytes) or not plans:
-        raise ValueError(f"plans must be a non-empty sequence of TilePlan, got {plans!r}")
+    if not isinstance(plans, Sequence) or isinstance(plans, str | bytes):
+        raise TypeError(f"plans must be a TilePlan or a sequence of them, got {plans!r}")
+    if not plans:
+        raise ValueError(f"plans must not be empty, got {plans!r}: give one TilePlan per image")
     for i, p in enumerate(plans):
         if not isinstance(p, TilePlan):
             raise TypeError(f"plans[{i}] must be a TilePlan, got {type(p).__name__}")
@@ -489,7 +493,7 @@ def merge(
             f"tile_features must be [T, N, C] or [T, C, h, w] with T = {total} tiles (the plans' "
             f"total), got shape {tuple(tile_features.shape)}"
         )
-    out_index = plan_list[0].scale_index(output_scale)
+    out_index = plan_list[0].scale_index(output_scale, "output_scale")
     prefix, maps = split_prefix(tile_features, num_prefix_tokens)
     if maps.shape[1] != maps.shape[2]:
         raise ValueError(

@@ -39,7 +39,6 @@ Examples:
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import sys
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .merge import merge
-from .plan import ScalePlan, TilePlan, plan_tiles
+from .plan import ScalePlan, TilePlan, check_scales, plan_tiles
 from .tiling import cut_grid, tile_images
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -349,15 +348,9 @@ def _plan_from_block(block_size: BlockSize, scales: tuple[int, ...]) -> TilePlan
 
 
 def _check_nvila_scales(scales: Any) -> tuple[int, ...]:
-    if isinstance(scales, str | bytes) or not isinstance(scales, Sequence) or len(scales) == 0:
-        raise TypeError(f"scales must be a non-empty sequence of int pixel sizes, got {scales!r}")
-    if not all(_is_int(s) and s > 0 for s in scales):
-        raise ValueError(f"scales must be positive int pixel sizes, got {tuple(scales)!r}")
-    out = tuple(int(s) for s in scales)
-    if any(a >= b for a, b in itertools.pairwise(out)) or any(s % out[0] for s in out):
-        raise ValueError(
-            f"scales must be strictly increasing multiples of the first (NVILA), got {out!r}"
-        )
+    out = check_scales(scales)
+    if any(s % out[0] for s in out):
+        raise ValueError(f"scales must be multiples of the first (NVILA), got {out!r}")
     return out
 
 
@@ -606,7 +599,7 @@ def num_tokens(
         raise ValueError(f"tokens_per_tile_side must be a positive int, got {n!r}")
     f = _check_factor(factor)
     if isinstance(block_size, TilePlan):
-        rows, cols = block_size.scales[block_size.scale_index(output_scale)].grid
+        rows, cols = block_size.scales[block_size.scale_index(output_scale, "output_scale")].grid
     else:
         rows, cols = _check_block_size("block_size", block_size)
     return -(-rows * n // f) * -(-cols * n // f)

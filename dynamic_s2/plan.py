@@ -193,13 +193,16 @@ class TilePlan:
         """
         return self.scales[self.scale_index(index)].feature_size(tokens_per_side)
 
-    def scale_index(self, index: int) -> int:
-        """Normalise a (possibly negative) scale index, raising ``ValueError`` when out of range."""
+    def scale_index(self, index: int, name: str = "scale index") -> int:
+        """Normalise a (possibly negative) scale index, raising ``ValueError`` when out of range.
+
+        ``name`` is the argument named in the error message.
+        """
         n = len(self.scales)
         if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"scale index must be an int, got {index!r}")
+            raise TypeError(f"{name} must be an int, got {index!r}")
         if not -n <= index < n:
-            raise ValueError(f"scale index {index} is out of range for a plan with {n} scales")
+            raise ValueError(f"{name}={index} is out of range for plans with {n} scales")
         return index % n
 
     def transpose(self) -> TilePlan:
@@ -272,6 +275,13 @@ class TilePlan:
                 raise ValueError(
                     f"scales[{i}].content_size {sp.content_size} exceeds the canvas {(ch, cw)}"
                 )
+            if fit == "stretch" and sp.content_size != (ch, cw):
+                raise ValueError(
+                    f"scales[{i}].content_size {sp.content_size} must equal the canvas {(ch, cw)} "
+                    "under fit='stretch'"
+                )
+            if sp.scale < tile:
+                raise ValueError(f"scales[{i}].scale {sp.scale} is below tile_size {tile}")
             scales.append(sp)
         if any(a.scale >= b.scale for a, b in itertools.pairwise(scales)):
             raise ValueError(
@@ -297,7 +307,8 @@ def _size_pair(name: str, value: Any) -> tuple[int, int]:
     return (_check_positive_int(name, value[0]), _check_positive_int(name, value[1]))
 
 
-def _check_scales(scales: Any) -> tuple[int, ...]:
+def check_scales(scales: Any) -> tuple[int, ...]:
+    """Validate pixel scales (ints >= 16, strictly increasing) and return them as a tuple."""
     if isinstance(scales, int | float) and not isinstance(scales, bool):
         scales = (scales,)
     if isinstance(scales, str | bytes) or not isinstance(scales, Sequence):
@@ -432,7 +443,7 @@ def _plan_uncached(
 ) -> TilePlan:
     h = _check_positive_int("height", height)
     w = _check_positive_int("width", width)
-    sc = _check_scales(scales)
+    sc = check_scales(scales)
     t = sc[0] if tile_size is None else _check_positive_int("tile_size", tile_size)
     if sc[0] < t:
         raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")

@@ -103,6 +103,8 @@ def _target_sizes(
     for scale in scales:
         if not _is_real(scale):
             raise TypeError(f"scales must hold numbers, got {scale!r} in {scales!r}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scales must be positive finite numbers, got {scale!r} in {scales!r}")
         size = (int(height * scale), int((width if any_shape else height) * scale))
         if min(size) <= 0:
             raise ValueError(
@@ -204,10 +206,16 @@ def forward(
         torch.Size([2, 32, 16])
     """
     # ---- validation --------------------------------------------------------------------------
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must be [B, C, H, W], got shape {tuple(input.shape)}")
+    if input.numel() == 0:
+        raise ValueError(f"input must not be empty, got shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     if output_shape not in _OUTPUT_SHAPES:
         raise ValueError(f"output_shape must be 'bnc' or 'bchw', got {output_shape!r}")
     if not _is_int(num_prefix_token) or num_prefix_token < 0:

@@ -118,11 +118,24 @@ def collate(batches: Sequence[TileBatch]) -> TileBatch:
     """
     if isinstance(batches, TileBatch):
         return batches
+    if not isinstance(batches, Sequence) or isinstance(batches, str | bytes):
+        raise TypeError(f"batches must be a sequence of TileBatch, got {type(batches).__name__}")
     if len(batches) == 0:
-        raise ValueError("collate needs at least one TileBatch, got an empty sequence")
+        raise ValueError("batches is empty: collate needs at least one TileBatch")
+    first = batches[0]
     for i, b in enumerate(batches):
         if not isinstance(b, TileBatch):
-            raise TypeError(f"collate expects TileBatch items, got {type(b).__name__} at {i}")
+            raise TypeError(f"batches[{i}] must be a TileBatch, got {type(b).__name__}")
+        if b.tiles.shape[1:] != first.tiles.shape[1:]:
+            raise ValueError(
+                f"batches[{i}] has tiles of shape {tuple(b.tiles.shape[1:])}, batches[0] "
+                f"{tuple(first.tiles.shape[1:])}: all must share channels and tile size"
+            )
+        if b.tiles.device != first.tiles.device or b.tiles.dtype != first.tiles.dtype:
+            raise ValueError(
+                f"batches[{i}] is {b.tiles.dtype} on {b.tiles.device}, batches[0] is "
+                f"{first.tiles.dtype} on {first.tiles.device}: all must match"
+            )
     plans = tuple(p for b in batches for p in b.plans)
     return TileBatch(torch.cat([b.tiles for b in batches]), plans)
 
@@ -220,6 +233,8 @@ def _affine(
         elif isinstance(value, int | float) and not isinstance(value, bool):
             vals = [float(value)] * channels
         elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{name} must hold numbers, one per channel, got {value!r}")
             vals = [float(v) for v in value]
         else:
             raise TypeError(f"{name} must be a number or one number per channel, got {value!r}")
@@ -273,6 +288,8 @@ def tile_images(
     plan_list = check_plans(plans, items)
     channels = items[0].shape[0]
     scale, shift = _affine(mean, std, channels)
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int | float):
+        raise TypeError(f"pad_value must be a number, got {pad_value!r}")
     uint8 = items[0].dtype == torch.uint8
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device
