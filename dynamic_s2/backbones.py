@@ -290,10 +290,12 @@ def load_backbone(
 
 
 def _require(module: str, extra: str) -> Any:
+    """Import an optional dependency, or raise an ImportError naming the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
+        package = module.partition(".")[0]  # "PIL.Image" -> "PIL" -> pip name "pillow"
+        package = {"PIL": "pillow"}.get(package, package.replace("_", "-"))
         raise ImportError(
-            f"{module} is needed here: pip install 'dynamic_s2[{extra}]' (or pip install "
-            f"{module.replace('_', '-')})"
+            f"{module} is needed here: pip install 'dynamic_s2[{extra}]' (or pip install {package})"
         ) from err

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .backbones import _require
 from .plan import TilePlan, plan_tiles
 
 __all__ = ["main"]
@@ -50,24 +51,22 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _max_tiles(text: str) -> int | tuple[int, ...]:
@@ -126,14 +125,9 @@ def _image_size(spec: str) -> tuple[int, int]:
         if sep and h_text.isdigit() and w_text.isdigit():
             return int(h_text), int(w_text)
         raise _UsageError(f"IMAGE: {spec!r} is neither a file nor a size HEIGHTxWIDTH")
+    pil_image = _require("PIL.Image", "demo")
     try:
-        from PIL import Image
-    except ImportError as exc:
-        raise ImportError(
-            'reading image sizes needs Pillow: pip install "dynamic_s2[demo]"'
-        ) from exc
-    try:
-        with Image.open(path) as image:
+        with pil_image.open(path) as image:
             w, h = image.size
             orientation = image.getexif().get(0x0112, 1)
     except Exception as exc:

@@ -2,20 +2,12 @@
 
 :func:`extract` reads images with Pillow in :class:`torch.utils.data.DataLoader` workers (EXIF
 orientation applied, converted to RGB), plans and tiles them there, encodes and merges the tiles in
-the main process and writes, in the output folder:
-
-- ``shard-00000.safetensors``, ``shard-00001.safetensors``, ...: one ``[h, w, C_total]`` tensor per
-  image under a key such as ``"img-000123"`` (plus ``"img-000123.prefix"``, ``[P, C_total]``, for
-  backbones with prefix tokens);
-- ``manifest.jsonl``: one JSON line per image (see :func:`read_manifest`);
-- ``errors.jsonl``: one JSON line per image that could not be read (only when some failed);
-- ``extract.json``: the settings of the run, checked when a run is resumed.
-
-Crash safety: a shard is written under a temporary name, flushed to disk and atomically renamed;
-the manifest lines of its images are appended (and flushed to disk) only afterwards. A killed run
-loses at most the images of the shard it was filling. Re-running the same command skips every image
-whose path, file size and modification time are already in the manifest; ``overwrite=True`` starts
-afresh.
+the main process, and writes safetensors shards, ``manifest.jsonl`` (one line per image, see
+:func:`read_manifest`), ``errors.jsonl`` (images that could not be read) and ``extract.json`` (the
+settings) into the output folder. :mod:`dynamic_s2.store` describes these files and how they stay
+consistent when a run is killed: at most the images of the shard being filled are lost.
+Re-running the same command skips every image whose path, file size and modification time are
+already in the manifest; ``overwrite=True`` starts afresh.
 
 Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set, ``WORLD_SIZE > 1``) the sorted input list is
 split across ranks (image ``i`` goes to rank ``i % world_size``), every rank writes its own shards
@@ -29,21 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
-import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backbones import as_backbone, load_backbone
+from . import store
+from .backbones import _require, as_backbone, load_backbone
 from .encode import encode_tiles
 from .merge import merge
 from .plan import TilePlan, plan_tiles
+from .store import CONFIG as CONFIG
+from .store import ERRORS, MANIFEST, load_features, read_manifest
 from .tiling import TileBatch, collate, tile_images
 
 __all__ = [
@@ -64,12 +57,6 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 #: Exit status of ``dynamic-s2 extract`` when some images could not be read.
 EXIT_SOME_FAILED = 3
 
-MANIFEST = "manifest.jsonl"
-ERRORS = "errors.jsonl"
-CONFIG = "extract.json"
-_FORMAT = "dynamic_s2.extract/1"
-#: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
-_SHARD_MAX_BYTES = 1 << 30
 #: Testing aid: seconds to sleep after every batch, so that a test can kill a run mid-way.
 _DELAY_ENV = "DYNAMIC_S2_EXTRACT_DELAY"
 _DTYPES: dict[str, torch.dtype] = {
@@ -77,24 +64,10 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-_SHARD_RE = re.compile(r"^shard-(?:r(\d+)-)?(\d+)\.safetensors$")
-_PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
 
 
 class ExtractWarning(UserWarning):
     """Warned when an image cannot be read; the run goes on without it."""
-
-
-def _require(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"dynamic_s2.extract needs {module.split('.')[0]!r}, which is not installed; "
-            'install the demo extra: pip install "dynamic_s2[demo]"'
-        ) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +143,9 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
         >>> read_image(path).shape
         torch.Size([3, 3, 5])
     """
-    np = _require("numpy")
-    pil_image = _require("PIL.Image")
-    image_ops = _require("PIL.ImageOps")
+    np = _require("numpy", "demo")
+    pil_image = _require("PIL.Image", "demo")
+    image_ops = _require("PIL.ImageOps", "demo")
     with pil_image.open(path) as opened:
         image = image_ops.exif_transpose(opened)
         if image is None:  # older Pillow with in_place semantics
@@ -218,26 +191,16 @@ class _Batch:
         return _Batch(self.jobs, self.plans, tiles, self.failed)
 
 
+@dataclasses.dataclass(eq=False)
 class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    def __init__(
-        self,
-        jobs: list[_Job],
-        scales: tuple[int, ...],
-        tile_size: int | None,
-        max_tiles: int | tuple[int, ...] | None,
-        policy: str,
-        fit: str,
-        mean: tuple[float, ...] | None,
-        std: tuple[float, ...] | None,
-    ) -> None:
-        self.jobs = jobs
-        self.scales = scales
-        self.tile_size = tile_size
-        self.max_tiles = max_tiles
-        self.policy = policy
-        self.fit = fit
-        self.mean = mean
-        self.std = std
+    jobs: list[_Job]
+    scales: tuple[int, ...]
+    tile_size: int | None
+    max_tiles: int | tuple[int, ...] | None
+    policy: str
+    fit: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -273,157 +236,6 @@ def _collate(items: list[_Loaded | _Failed]) -> _Batch:
 def _worker_init(worker_id: int) -> None:
     del worker_id
     torch.set_num_threads(1)  # the workers only tile; leave the cores to the encoder
-
-
-# ----------------------------------------------------------------------------------------------
-# durable files
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    safetensors_torch = _require("safetensors.torch")
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _append_durable(f: Any, lines: Sequence[str]) -> None:
-    if not lines:
-        return
-    f.write("".join(line + "\n" for line in lines))
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a crash; its image is simply extracted again
-            if isinstance(entry, dict):
-                yield entry
-
-
-def _part_rank(path: Path) -> int:
-    match = _PART_RE.match(path.name)
-    return int(match.group(2)) if match else -1
-
-
-def _manifest_files(out_dir: Path) -> list[Path]:
-    parts = sorted(out_dir.glob("manifest-r*.jsonl"), key=_part_rank)
-    return [out_dir / MANIFEST, *[p for p in parts if _part_rank(p) >= 0]]
-
-
-def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read the manifest of an extraction folder: one dict per image, in file order.
-
-    Each entry holds:
-
-    - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
-      modification time when it was read (the resume key, with ``path``);
-    - ``size``: ``[h, w]`` of the image after EXIF orientation;
-    - ``shard`` and ``key``: the safetensors file (relative to the folder) and the tensor name;
-    - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
-    - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
-      the prefix tokens stored under ``key + ".prefix"``, or ``None``;
-    - ``plan``: the :class:`~dynamic_s2.plan.TilePlan` as ``to_dict()``.
-
-    Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
-    When an image appears more than once (it changed and was extracted again), the last entry wins.
-
-    Examples:
-        >>> import tempfile
-        >>> from dynamic_s2.extract import read_manifest
-        >>> read_manifest(tempfile.mkdtemp())
-        []
-    """
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
-    latest: dict[str, dict[str, Any]] = {}
-    for path in _manifest_files(Path(out_dir)):
-        for entry in _iter_jsonl(path):
-            if isinstance(entry.get("path"), str):
-                latest.pop(entry["path"], None)
-                latest[entry["path"]] = entry
-    return list(latest.values())
-
-
-def load_features(
-    out_dir: str | os.PathLike[str],
-    entry: dict[str, Any],
-    *,
-    prefix: bool = False,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Load the features of one manifest entry: ``[h, w, C_total]`` (or the ``[P, C_total]``
-    prefix tokens with ``prefix=True``).
-
-    Examples:
-        >>> import tempfile
-        >>> from dynamic_s2.extract import load_features
-        >>> load_features(tempfile.mkdtemp(), {"shard": 3})
-        Traceback (most recent call last):
-            ...
-        ValueError: entry: expected a manifest entry with string 'shard' and 'key', got {'shard': 3}
-    """
-    if not isinstance(entry, dict) or not all(
-        isinstance(entry.get(k), str) for k in ("shard", "key")
-    ):
-        raise ValueError(
-            f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
-        )
-    safetensors = _require("safetensors")
-    key = entry["key"] + (".prefix" if prefix else "")
-    with safetensors.safe_open(
-        os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)
-    ) as f:
-        tensor: torch.Tensor = f.get_tensor(key)
-    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,73 +355,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
 
-def _clean(out_dir: Path) -> None:
-    """Remove every file an earlier extraction wrote (only ours; the folder stays)."""
-    for path in out_dir.iterdir():
-        name = path.name
-        ours = (
-            _SHARD_RE.match(name.removesuffix(".tmp"))
-            or _PART_RE.match(name.removesuffix(".tmp"))
-            or name.removesuffix(".tmp") in (MANIFEST, ERRORS, CONFIG)
-        )
-        if ours and path.is_file():
-            path.unlink()
-    _fsync_dir(out_dir)
-
-
-def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
-    path = out_dir / CONFIG
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return
-    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(
-            f"out_dir: {os.fspath(out_dir)!r} holds features extracted with other settings "
-            f"({details}); pass overwrite=True (--overwrite) to start afresh, or use another folder"
-        )
-
-
-def _merge_parts(out_dir: Path) -> None:
-    """Rank 0 at the end: fold manifest parts into manifest.jsonl (last entry per path wins), and
-    error parts into errors.jsonl."""
-    files = [p for p in _manifest_files(out_dir) if p.exists()]
-    parts = files[1:] if files and files[0].name == MANIFEST else files
-    # Which line of which file is the last entry for each path.
-    last: dict[str, tuple[int, int]] = {}
-    count = 0
-    for fi, path in enumerate(files):
-        for li, entry in enumerate(_iter_jsonl(path)):
-            count += 1
-            if isinstance(entry.get("path"), str):
-                last[entry["path"]] = (fi, li)
-    if parts or count != len(last):
-        keep = set(last.values())
-        lines = [
-            json.dumps(entry)
-            for fi, path in enumerate(files)
-            for li, entry in enumerate(_iter_jsonl(path))
-            if (fi, li) in keep
-        ]
-        _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
-        for part in parts:
-            part.unlink()
-        _fsync_dir(out_dir)
-    # Error parts are this run's (rank 0 removed older ones at the start).
-    error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
-    if error_parts:
-        data = b"".join(p.read_bytes() for p in error_parts)
-        if data:
-            _write_durable(out_dir / ERRORS, data)
-        for part in error_parts:
-            part.unlink()
-        _fsync_dir(out_dir)
-
-
 def extract(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -710,9 +455,9 @@ def extract(
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
-    tqdm = _require("tqdm").tqdm
-    _require("safetensors.torch")
-    _require("PIL.Image")
+    tqdm = _require("tqdm", "demo").tqdm
+    _require("safetensors.torch", "demo")
+    _require("PIL.Image", "demo")
 
     ctx, dev = _setup_dist(dev)
     try:
@@ -745,7 +490,7 @@ def extract(
             fit=fit,  # type: ignore[arg-type]
         )
         config = {
-            "format": _FORMAT,
+            "format": store.FORMAT,
             "backbone": spec,
             "scales": list(scale_tuple),
             "tile_size": tile_size,
@@ -758,47 +503,16 @@ def extract(
         }
         out.mkdir(parents=True, exist_ok=True)
         if not overwrite:
-            _check_config(out, config)
+            store.check_config(out, config)
         ctx.barrier()
         if ctx.rank == 0:
-            if overwrite:
-                _clean(out)
-            # errors.jsonl lists the failures of the latest run only.
-            (out / ERRORS).unlink(missing_ok=True)
-            for part in out.glob("errors-r*.jsonl"):
-                part.unlink()
-            _write_durable(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+            store.prepare(out, config, overwrite=overwrite)
         ctx.barrier()
 
-        # This rank's files, and what earlier runs left.
-        # Without torch.distributed: shard-00000.safetensors and manifest.jsonl; rank r of a
-        # distributed run: shard-r{r}-00000.safetensors and manifest-r{r}.jsonl.
-        own_rank = str(ctx.rank) if ctx.active else ""
-        tag = f"r{ctx.rank}-" if ctx.active else ""
-        own_manifest = out / (f"manifest-r{ctx.rank}.jsonl" if ctx.active else MANIFEST)
-        own_errors = out / (f"errors-r{ctx.rank}.jsonl" if ctx.active else ERRORS)
-        _drop_torn_tail(own_manifest)
-        own_shards: dict[str, int] = {}
-        for path in out.iterdir():
-            m = _SHARD_RE.match(path.name.removesuffix(".tmp"))
-            if m is None or (m.group(1) or "") != own_rank:
-                continue
-            if path.name.endswith(".tmp"):
-                path.unlink()  # an interrupted shard write
-            else:
-                own_shards[path.name] = int(m.group(2))
-        existing_shards = {p.name for p in out.glob("shard-*.safetensors")}
-        done: set[tuple[str, int, int]] = set()
-        referenced: set[str] = set()
-        for entry in read_manifest(out):
-            shard = entry.get("shard")
-            if shard in existing_shards:
-                referenced.add(shard)
-                done.add((entry.get("path"), entry.get("bytes"), entry.get("mtime_ns")))  # type: ignore[arg-type]
-        for name in own_shards:
-            if name not in referenced:  # written, but its manifest lines never made it
-                (out / name).unlink()
-        next_shard = max(own_shards.values(), default=-1) + 1
+        # This rank's files (shard-r{r}-*, manifest-r{r}.jsonl, errors-r{r}.jsonl under
+        # torch.distributed), cleaned of what a crash left, and the images already done.
+        own_rank = ctx.rank if ctx.active else None
+        done, next_shard = store.recover(out, own_rank)
 
         jobs: list[_Job] = []
         skipped = 0
@@ -839,110 +553,82 @@ def extract(
         )
         delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
         num_prefix = getattr(model, "num_prefix_tokens", None)
-        metadata = {"format": _FORMAT, "backbone": spec}
-
-        shard_tensors: dict[str, torch.Tensor] = {}
-        shard_lines: list[str] = []
-        shard_bytes = 0
-        written: list[Path] = []
+        metadata = {"format": store.FORMAT, "backbone": spec}
         extracted = 0
         failed = 0
 
-        with open(own_manifest, "a", encoding="utf-8") as manifest_file:
-
-            def flush() -> None:
-                nonlocal shard_tensors, shard_lines, shard_bytes, next_shard
-                if not shard_tensors:
-                    return
-                shard_path = out / f"shard-{tag}{next_shard:05d}.safetensors"
-                _save_shard(shard_path, shard_tensors, metadata)
-                _append_durable(manifest_file, shard_lines)  # only after the shard is durable
-                written.append(shard_path)
-                next_shard += 1
-                shard_tensors, shard_lines, shard_bytes = {}, [], 0
-
-            def record_failure(item: _Failed) -> None:
-                nonlocal failed
-                failed += 1
-                warnings.warn(
-                    f"skipping {item.job.path}: {item.error}: {item.message}",
-                    ExtractWarning,
-                    stacklevel=2,
-                )
-                line = json.dumps(
-                    {"path": item.job.path, "error": item.error, "message": item.message}
-                )
-                with open(own_errors, "a", encoding="utf-8") as f:
-                    _append_durable(f, [line])
-
-            bar = tqdm(
-                total=len(jobs) + len(missing),
-                unit="img",
-                desc=f"extract r{ctx.rank}" if ctx.active else "extract",
-                position=ctx.rank if ctx.active else None,
-                disable=not progress,
-                dynamic_ncols=True,
+        def record_failure(item: _Failed) -> None:
+            nonlocal failed
+            failed += 1
+            warnings.warn(
+                f"skipping {item.job.path}: {item.error}: {item.message}",
+                ExtractWarning,
+                stacklevel=2,
             )
-            with bar:
-                for item in missing:
+            store.append_error(out, own_rank, item.job.path, item.error, item.message)
+
+        writer = store.ShardWriter(
+            out,
+            rank=own_rank,
+            first_index=next_shard,
+            shard_size=shard_size,
+            metadata=metadata,
+        )
+        bar = tqdm(
+            total=len(jobs) + len(missing),
+            unit="img",
+            desc=f"extract r{ctx.rank}" if ctx.active else "extract",
+            position=ctx.rank if ctx.active else None,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        with writer, bar:
+            for item in missing:
+                record_failure(item)
+                bar.update(1)
+            for batch in loader if jobs else ():
+                for item in batch.failed:
                     record_failure(item)
-                    bar.update(1)
-                for batch in loader if jobs else ():
-                    for item in batch.failed:
-                        record_failure(item)
-                    if batch.tiles is not None:
-                        with torch.inference_mode():
-                            tiles = batch.tiles.to(dev, compute_dtype, non_blocking=True)
-                            feats = encode_tiles(model, tiles, max_batch_tiles=max_batch_tiles)
-                            merged = merge(
-                                feats,
-                                list(batch.plans),
-                                output_scale=output_scale,
-                                resample=resample,  # type: ignore[arg-type]
-                                num_prefix_tokens=num_prefix,
-                            )
-                            maps = merged.unpad()
-                            prefix = merged.prefix
-                        for i, (job, plan, fmap) in enumerate(
-                            zip(batch.jobs, batch.plans, maps, strict=True)
-                        ):
-                            key = f"img-{job.index:06d}"
-                            stored = fmap.to(device="cpu", dtype=out_dtype, copy=True)
-                            shard_tensors[key] = stored.contiguous()
-                            prefix_shape = None
-                            if prefix is not None:
-                                p = prefix[i].to(device="cpu", dtype=out_dtype, copy=True)
-                                shard_tensors[key + ".prefix"] = p.contiguous()
-                                prefix_shape = list(p.shape)
-                                shard_bytes += p.numel() * p.element_size()
-                            shard_bytes += stored.numel() * stored.element_size()
-                            entry = {
-                                "path": job.path,
-                                "bytes": job.nbytes,
-                                "mtime_ns": job.mtime_ns,
-                                "size": list(plan.image_size),
-                                "shard": f"shard-{tag}{next_shard:05d}.safetensors",
-                                "key": key,
-                                "shape": list(stored.shape),
-                                "dtype": _dtype_name(out_dtype),
-                                "grids": [list(sp.grid) for sp in plan.scales],
-                                "prefix": prefix_shape,
-                                "plan": plan.to_dict(),
-                            }
-                            shard_lines.append(json.dumps(entry))
-                            extracted += 1
-                            if len(shard_lines) >= shard_size or shard_bytes >= _SHARD_MAX_BYTES:
-                                flush()
-                    bar.update(len(batch.jobs) + len(batch.failed))
-                    if failed:
-                        bar.set_postfix(failed=failed, refresh=False)
-                    if delay:
-                        time.sleep(delay)
-                flush()
+                if batch.tiles is not None:
+                    with torch.inference_mode():
+                        tiles = batch.tiles.to(dev, compute_dtype, non_blocking=True)
+                        feats = encode_tiles(model, tiles, max_batch_tiles=max_batch_tiles)
+                        merged = merge(
+                            feats,
+                            list(batch.plans),
+                            output_scale=output_scale,
+                            resample=resample,  # type: ignore[arg-type]
+                            num_prefix_tokens=num_prefix,
+                        )
+                        maps = merged.unpad()
+                        prefix = merged.prefix
+                    for i, (job, plan, fmap) in enumerate(
+                        zip(batch.jobs, batch.plans, maps, strict=True)
+                    ):
+                        stored = fmap.to(device="cpu", dtype=out_dtype, copy=True)
+                        p = None
+                        if prefix is not None:
+                            p = prefix[i].to(device="cpu", dtype=out_dtype, copy=True)
+                        writer.add(  # writes the shard when it is full
+                            job.index,
+                            stored,
+                            p,
+                            path=job.path,
+                            nbytes=job.nbytes,
+                            mtime_ns=job.mtime_ns,
+                            plan=plan,
+                        )
+                        extracted += 1
+                bar.update(len(batch.jobs) + len(batch.failed))
+                if failed:
+                    bar.set_postfix(failed=failed, refresh=False)
+                if delay:
+                    time.sleep(delay)
+            writer.flush()
 
         failed_total = ctx.all_sum(failed)  # also waits for every rank to finish
         if ctx.rank == 0:
-            _merge_parts(out)
+            store.merge_parts(out)
         ctx.barrier()
     finally:
         if ctx.owned and torch.distributed.is_initialized():
@@ -953,7 +639,7 @@ def extract(
         skipped,
         failed,
         failed_total,
-        tuple(written),
+        tuple(writer.written),
         time.perf_counter() - start,
         ctx.rank,
         ctx.world_size,

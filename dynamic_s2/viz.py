@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .backbones import _require
 from .plan import TilePlan
 
 if TYPE_CHECKING:
@@ -32,25 +33,20 @@ _PANEL_PIXELS = 768
 _PCA_PERCENTILES = (1.0, 99.0)
 # Rows used to fit the principal components of a large map (all rows are projected).
 _PCA_MAX_FIT_ROWS = 4096
-
-
-def _require(module: str) -> Any:
-    """Import an optional dependency, or raise an ImportError that names the extra to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"dynamic_s2.viz needs {module.split('.')[0]!r}, which is not installed; "
-            'install the demo extra: pip install "dynamic_s2[demo]"'
-        ) from exc
+# How the padding of a fit="pad" canvas is shaded in plan pictures.
+_PAD_STYLE: dict[str, Any] = {
+    "facecolor": "0.55",
+    "edgecolor": "0.35",
+    "hatch": "//",
+    "alpha": 0.75,
+    "linewidth": 0,
+}
 
 
 def _to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
     """A PIL image, NumPy array or torch tensor as a uint8 ``[H, W, 3]`` NumPy array."""
-    np = _require("numpy")
-    pil_image = _require("PIL.Image")
+    np = _require("numpy", "demo")
+    pil_image = _require("PIL.Image", "demo")
     if isinstance(image, pil_image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # a torch tensor
@@ -149,10 +145,10 @@ def draw_plan(
     plan = _check_plan(plan)
     if not isinstance(dpi, int) or isinstance(dpi, bool) or dpi <= 0:
         raise ValueError(f"dpi: expected a positive int, got {dpi!r}")
-    np = _require("numpy")
-    pil_image = _require("PIL.Image")
-    figure_module = _require("matplotlib.figure")
-    patches = _require("matplotlib.patches")
+    np = _require("numpy", "demo")
+    pil_image = _require("PIL.Image", "demo")
+    figure_module = _require("matplotlib.figure", "demo")
+    patches = _require("matplotlib.patches", "demo")
 
     array = _to_uint8_hwc(image)
     source = pil_image.fromarray(array)
@@ -182,30 +178,14 @@ def draw_plan(
             :view_h, :view_w
         ]
         ax.imshow(canvas, extent=(0, canvas_w, canvas_h, 0), interpolation="antialiased")
-        if content_w < canvas_w:
+        if content_w < canvas_w:  # padding on the right
             ax.add_patch(
-                patches.Rectangle(
-                    (content_w, 0),
-                    canvas_w - content_w,
-                    canvas_h,
-                    facecolor="0.55",
-                    edgecolor="0.35",
-                    hatch="//",
-                    alpha=0.75,
-                    linewidth=0,
-                )
+                patches.Rectangle((content_w, 0), canvas_w - content_w, canvas_h, **_PAD_STYLE)
             )
-        if content_h < canvas_h:
+        if content_h < canvas_h:  # padding below
             ax.add_patch(
                 patches.Rectangle(
-                    (0, content_h),
-                    min(content_w, canvas_w),
-                    canvas_h - content_h,
-                    facecolor="0.55",
-                    edgecolor="0.35",
-                    hatch="//",
-                    alpha=0.75,
-                    linewidth=0,
+                    (0, content_h), min(content_w, canvas_w), canvas_h - content_h, **_PAD_STYLE
                 )
             )
         line_width = 1.5
@@ -284,7 +264,7 @@ def pca_rgb(features: Any) -> np.ndarray:
         >>> rgb.shape, rgb.dtype.name
         ((6, 8, 3), 'uint8')
     """
-    np = _require("numpy")
+    np = _require("numpy", "demo")
     if hasattr(features, "detach") and hasattr(features, "cpu"):
         array = features.detach().cpu().float().numpy()
     elif isinstance(features, np.ndarray):
@@ -389,7 +369,7 @@ def draw_features(
             f"features: {c_total} channels cannot be split into {num_scales} scales "
             f"(scales={scale_list})"
         )
-    figure_module = _require("matplotlib.figure")
+    figure_module = _require("matplotlib.figure", "demo")
 
     panels: list[tuple[str, Any]] = []
     if image is not None:

@@ -1,0 +1,575 @@
+"""The files of an extraction folder, and the crash-safe writes that keep them consistent.
+
+:func:`dynamic_s2.extract.extract` fills one folder; this module owns its on-disk format:
+
+- ``shard-00000.safetensors``, ``shard-00001.safetensors``, ...: one ``[h, w, C_total]`` tensor per
+  image under a key such as ``"img-000123"`` (``123``: the image's position in the sorted input
+  list), plus ``"img-000123.prefix"`` (``[P, C_total]``) for backbones with prefix tokens. The
+  safetensors metadata holds ``format`` (:data:`FORMAT`) and ``backbone``. A shard is closed when
+  it holds ``shard_size`` images or :data:`SHARD_MAX_BYTES` bytes, whichever comes first.
+- ``manifest.jsonl``: one JSON object per line and image, with the fields ``path``, ``bytes``,
+  ``mtime_ns``, ``size``, ``shard``, ``key``, ``shape``, ``dtype``, ``grids``, ``prefix`` and
+  ``plan`` (described in :func:`read_manifest`).
+- ``errors.jsonl``: one JSON object ``{"path", "error", "message"}`` per image that the latest run
+  could not read; the file is there only when some image failed.
+- ``extract.json``: the settings of the run (``format``, ``backbone``, ``scales``, ``tile_size``,
+  ``max_tiles``, ``policy``, ``fit``, ``output_scale``, ``resample``, ``dtype``); a resumed run
+  must match them (:func:`check_config`).
+
+Rank ``r`` of a distributed run writes ``shard-r{r}-00000.safetensors``, ... and the parts
+``manifest-r{r}.jsonl`` and ``errors-r{r}.jsonl``; rank 0 folds the parts into ``manifest.jsonl``
+and ``errors.jsonl`` at the end (:func:`merge_parts`).
+
+Crash safety, at any point a process may be killed:
+
+- A whole file (a shard, ``extract.json``, a merged manifest) is written under ``NAME.tmp``, flushed
+  to disk and atomically renamed over ``NAME``, and the folder is flushed too: a reader sees the
+  old file or the new one, never half of one.
+- The manifest lines of a shard are appended, and flushed to disk, only after the shard is durable
+  (:class:`ShardWriter`). Every manifest line names a complete shard; a killed run loses at most
+  the images of the shard it was filling.
+- JSON-lines files grow by whole lines, each append flushed to disk. A line torn by a crash is
+  skipped when reading and cut off before appending again: its image is simply extracted again.
+- On resume, :func:`recover` deletes this rank's ``.tmp`` leftovers and the shards it wrote whose
+  manifest lines never made it. An image is done when its path, file size and modification time
+  are in the manifest and its shard exists.
+
+Reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynamic_s2[demo]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+
+from .backbones import _require
+
+if TYPE_CHECKING:
+    from .plan import TilePlan
+
+__all__ = [
+    "CONFIG",
+    "ERRORS",
+    "FORMAT",
+    "MANIFEST",
+    "SHARD_MAX_BYTES",
+    "ShardWriter",
+    "append_error",
+    "check_config",
+    "clean",
+    "load_features",
+    "merge_parts",
+    "prepare",
+    "read_manifest",
+    "recover",
+]
+
+MANIFEST = "manifest.jsonl"
+ERRORS = "errors.jsonl"
+CONFIG = "extract.json"
+#: The ``format`` written into ``extract.json`` and into every shard's metadata.
+FORMAT = "dynamic_s2.extract/1"
+#: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
+SHARD_MAX_BYTES = 1 << 30
+_SHARD_RE = re.compile(r"^shard-(?:r(\d+)-)?(\d+)\.safetensors$")
+_PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
+
+#: The resume key of an image: its path, file size and modification time (ns).
+DoneKey = tuple[str, int, int]
+
+
+def _shard_name(rank: int | None, index: int) -> str:
+    tag = "" if rank is None else f"r{rank}-"
+    return f"shard-{tag}{index:05d}.safetensors"
+
+
+def _manifest_path(out_dir: Path, rank: int | None) -> Path:
+    return out_dir / (MANIFEST if rank is None else f"manifest-r{rank}.jsonl")
+
+
+def _errors_path(out_dir: Path, rank: int | None) -> Path:
+    return out_dir / (ERRORS if rank is None else f"errors-r{rank}.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# durable writes
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save ``tensors`` as safetensors at ``path``, atomically like :func:`_write_durable`."""
+    safetensors_torch = _require("safetensors.torch", "demo")
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
+    """Append ``lines`` (each without its newline) to the open text file ``f`` and fsync it."""
+    if not lines:
+        return
+    f.write("".join(line + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (none if it is missing); torn lines are skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a crash; its image is simply extracted again
+            if isinstance(entry, dict):
+                yield entry
+
+
+def append_error(out_dir: Path, rank: int | None, path: str, error: str, message: str) -> None:
+    """Append the failure of the image at ``path`` to ``errors.jsonl`` (or rank ``rank``'s part).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> append_error(out, None, "/photos/a.png", "OSError", "truncated file")
+        >>> print((out / ERRORS).read_text(), end="")
+        {"path": "/photos/a.png", "error": "OSError", "message": "truncated file"}
+    """
+    line = json.dumps({"path": path, "error": error, "message": message})
+    with open(_errors_path(out_dir, rank), "a", encoding="utf-8") as f:
+        _append_durable(f, [line])
+
+
+# ----------------------------------------------------------------------------------------------
+# the manifest
+
+
+def _part_rank(path: Path) -> int:
+    match = _PART_RE.match(path.name)
+    return int(match.group(2)) if match else -1
+
+
+def _manifest_files(out_dir: Path) -> list[Path]:
+    parts = sorted(out_dir.glob("manifest-r*.jsonl"), key=_part_rank)
+    return [out_dir / MANIFEST, *[p for p in parts if _part_rank(p) >= 0]]
+
+
+def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read the manifest of an extraction folder: one dict per image, in file order.
+
+    Each entry holds:
+
+    - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
+      modification time when it was read (the resume key, with ``path``);
+    - ``size``: ``[h, w]`` of the image after EXIF orientation;
+    - ``shard`` and ``key``: the safetensors file (relative to the folder) and the tensor name;
+    - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
+    - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
+      the prefix tokens stored under ``key + ".prefix"``, or ``None``;
+    - ``plan``: the :class:`~dynamic_s2.plan.TilePlan` as ``to_dict()``.
+
+    Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
+    When an image appears more than once (it changed and was extracted again), the last entry wins.
+
+    Examples:
+        >>> import tempfile
+        >>> from dynamic_s2.extract import read_manifest
+        >>> read_manifest(tempfile.mkdtemp())
+        []
+    """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+    latest: dict[str, dict[str, Any]] = {}
+    for path in _manifest_files(Path(out_dir)):
+        for entry in _iter_jsonl(path):
+            if isinstance(entry.get("path"), str):
+                latest.pop(entry["path"], None)
+                latest[entry["path"]] = entry
+    return list(latest.values())
+
+
+def load_features(
+    out_dir: str | os.PathLike[str],
+    entry: dict[str, Any],
+    *,
+    prefix: bool = False,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Load the features of one manifest entry: ``[h, w, C_total]`` (or the ``[P, C_total]``
+    prefix tokens with ``prefix=True``).
+
+    Examples:
+        >>> import tempfile
+        >>> from dynamic_s2.extract import load_features
+        >>> load_features(tempfile.mkdtemp(), {"shard": 3})
+        Traceback (most recent call last):
+            ...
+        ValueError: entry: expected a manifest entry with string 'shard' and 'key', got {'shard': 3}
+    """
+    if not isinstance(entry, dict) or not all(
+        isinstance(entry.get(k), str) for k in ("shard", "key")
+    ):
+        raise ValueError(
+            f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
+        )
+    safetensors = _require("safetensors", "demo")
+    key = entry["key"] + (".prefix" if prefix else "")
+    with safetensors.safe_open(
+        os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)
+    ) as f:
+        tensor: torch.Tensor = f.get_tensor(key)
+    return tensor
+
+
+class ShardWriter:
+    """Collects features into shards; writes each shard durably, and only then its manifest lines.
+
+    Opening the writer opens (creates) the manifest, ``manifest.jsonl`` or rank ``rank``'s part,
+    for appending. :meth:`add` writes the shard being filled once it is full; :meth:`flush` writes
+    it whatever its size. Closing does not flush: a run that fails half-way leaves no partial shard.
+
+    Args:
+        out_dir: the extraction folder.
+        rank: the rank of a distributed run, or ``None`` without torch.distributed.
+        first_index: the number of the first shard to write (from :func:`recover`).
+        shard_size: the most images per shard.
+        metadata: safetensors metadata of every shard.
+        max_bytes: the most tensor bytes per shard (checked after each image).
+
+    Attributes:
+        written: the shard files written so far.
+
+    Examples:
+        >>> import tempfile, pathlib, torch
+        >>> from dynamic_s2 import plan_tiles
+        >>> out, plan = pathlib.Path(tempfile.mkdtemp()), plan_tiles(64, 64, (32, 64))
+        >>> with ShardWriter(out, shard_size=2) as writer:
+        ...     for i in range(3):
+        ...         features = torch.full((8, 8, 6), float(i))
+        ...         writer.add(i, features, None, path=f"/{i}.png", nbytes=1, mtime_ns=1, plan=plan)
+        ...     writer.flush()
+        >>> [p.name for p in writer.written]
+        ['shard-00000.safetensors', 'shard-00001.safetensors']
+        >>> entry = read_manifest(out)[2]
+        >>> entry["shard"], entry["key"], entry["shape"], entry["dtype"], entry["grids"]
+        ('shard-00001.safetensors', 'img-000002', [8, 8, 6], 'float32', [[1, 1], [2, 2]])
+        >>> load_features(out, entry)[0, 0]
+        tensor([2., 2., 2., 2., 2., 2.])
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        rank: int | None = None,
+        first_index: int = 0,
+        shard_size: int = 100,
+        metadata: dict[str, str] | None = None,
+        max_bytes: int = SHARD_MAX_BYTES,
+    ) -> None:
+        self.out_dir = out_dir
+        self.rank = rank
+        self.shard_size = shard_size
+        self.metadata = {} if metadata is None else metadata
+        self.max_bytes = max_bytes
+        self.written: list[Path] = []
+        self._index = first_index
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._manifest = open(_manifest_path(out_dir, rank), "a", encoding="utf-8")  # noqa: SIM115
+
+    @property
+    def shard_name(self) -> str:
+        """The file name of the shard being filled."""
+        return _shard_name(self.rank, self._index)
+
+    def add(
+        self,
+        index: int,
+        features: torch.Tensor,
+        prefix: torch.Tensor | None,
+        *,
+        path: str,
+        nbytes: int,
+        mtime_ns: int,
+        plan: TilePlan,
+    ) -> None:
+        """Add image ``index`` (its position in the sorted input list): its ``[h, w, C_total]``
+        features, its ``[P, C_total]`` prefix tokens or ``None``, and its manifest entry (the
+        image's ``path``, file size ``nbytes``, ``mtime_ns`` and ``plan``). Writes the shard when
+        it is full."""
+        key = f"img-{index:06d}"
+        self._tensors[key] = features.contiguous()
+        if prefix is not None:
+            self._tensors[key + ".prefix"] = prefix.contiguous()
+            self._bytes += prefix.numel() * prefix.element_size()
+        self._bytes += features.numel() * features.element_size()
+        entry = {
+            "path": path,
+            "bytes": nbytes,
+            "mtime_ns": mtime_ns,
+            "size": list(plan.image_size),
+            "shard": self.shard_name,
+            "key": key,
+            "shape": list(features.shape),
+            "dtype": str(features.dtype).removeprefix("torch."),
+            "grids": [list(sp.grid) for sp in plan.scales],
+            "prefix": None if prefix is None else list(prefix.shape),
+            "plan": plan.to_dict(),
+        }
+        self._lines.append(json.dumps(entry))
+        if len(self._lines) >= self.shard_size or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the shard being filled (if it holds anything), then append its manifest lines."""
+        if not self._tensors:
+            return
+        path = self.out_dir / self.shard_name
+        _save_shard(path, self._tensors, self.metadata)
+        _append_durable(self._manifest, self._lines)  # only after the shard is durable
+        self.written.append(path)
+        self._index += 1
+        self._tensors, self._lines, self._bytes = {}, [], 0
+
+    def close(self) -> None:
+        """Close the manifest file; what was added since the last shard was written is dropped."""
+        self._manifest.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the folder: settings, resuming, cleaning, merging
+
+
+def check_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when ``out_dir/extract.json`` holds settings other than ``config``.
+
+    A missing or unreadable ``extract.json`` passes (nothing to compare with).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> prepare(out, {"dtype": "float32"}, overwrite=False)
+        >>> check_config(out, {"dtype": "float32"})
+        >>> check_config(out, {"dtype": "float16"})
+        Traceback (most recent call last):
+            ...
+        ValueError: out_dir: ... (dtype: 'float32' before, 'float16' now); pass overwrite=True ...
+    """
+    path = out_dir / CONFIG
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"out_dir: {os.fspath(out_dir)!r} holds features extracted with other settings "
+            f"({details}); pass overwrite=True (--overwrite) to start afresh, or use another folder"
+        )
+
+
+def clean(out_dir: Path) -> None:
+    """Remove every file an earlier extraction wrote (only ours; the folder and others stay).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("manifest.jsonl", "shard-r1-00002.safetensors.tmp", "notes.txt"):
+        ...     _ = (out / name).write_text("")
+        >>> clean(out)
+        >>> [p.name for p in out.iterdir()]
+        ['notes.txt']
+    """
+    for path in out_dir.iterdir():
+        name = path.name
+        ours = (
+            _SHARD_RE.match(name.removesuffix(".tmp"))
+            or _PART_RE.match(name.removesuffix(".tmp"))
+            or name.removesuffix(".tmp") in (MANIFEST, ERRORS, CONFIG)
+        )
+        if ours and path.is_file():
+            path.unlink()
+    _fsync_dir(out_dir)
+
+
+def prepare(out_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    """Rank 0 at the start of a run: :func:`clean` the folder with ``overwrite``, drop the errors
+    of earlier runs (``errors.jsonl`` lists the latest run's only) and write ``extract.json``.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / ERRORS).write_text('{"path": "/old.png"}\\n')
+        >>> prepare(out, {"scales": [224, 448]}, overwrite=False)
+        >>> sorted(p.name for p in out.iterdir())
+        ['extract.json']
+    """
+    if overwrite:
+        clean(out_dir)
+    # errors.jsonl lists the failures of the latest run only.
+    (out_dir / ERRORS).unlink(missing_ok=True)
+    for part in out_dir.glob("errors-r*.jsonl"):
+        part.unlink()
+    _write_durable(out_dir / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+
+
+def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
+    """Clean up what a crash of this rank left in ``out_dir`` and say what is already done.
+
+    Cuts a torn last line off this rank's manifest, deletes this rank's ``.tmp`` shards and the
+    shards it wrote that no manifest line names.
+
+    Args:
+        out_dir: the extraction folder.
+        rank: the rank of a distributed run, or ``None`` without torch.distributed.
+
+    Returns:
+        The ``(path, bytes, mtime_ns)`` of every image whose features are stored (by any rank),
+        and the number of this rank's next shard.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"")  # no manifest line names it
+        >>> _ = (out / "shard-00001.safetensors.tmp").write_bytes(b"")  # an interrupted write
+        >>> _ = (out / MANIFEST).write_text('{"path": "/a.png", "sha')  # a torn line
+        >>> recover(out, None)
+        (set(), 1)
+        >>> [p.name for p in out.iterdir()], (out / MANIFEST).read_text()
+        (['manifest.jsonl'], '')
+    """
+    own_rank = "" if rank is None else str(rank)
+    _drop_torn_tail(_manifest_path(out_dir, rank))
+    own_shards: dict[str, int] = {}
+    for path in out_dir.iterdir():
+        m = _SHARD_RE.match(path.name.removesuffix(".tmp"))
+        if m is None or (m.group(1) or "") != own_rank:
+            continue
+        if path.name.endswith(".tmp"):
+            path.unlink()  # an interrupted shard write
+        else:
+            own_shards[path.name] = int(m.group(2))
+    existing_shards = {p.name for p in out_dir.glob("shard-*.safetensors")}
+    done: set[DoneKey] = set()
+    referenced: set[str] = set()
+    for entry in read_manifest(out_dir):
+        shard = entry.get("shard")
+        if shard in existing_shards:
+            referenced.add(shard)
+            done.add((entry.get("path"), entry.get("bytes"), entry.get("mtime_ns")))  # type: ignore[arg-type]
+    for name in own_shards:
+        if name not in referenced:  # written, but its manifest lines never made it
+            (out_dir / name).unlink()
+    return done, max(own_shards.values(), default=-1) + 1
+
+
+def merge_parts(out_dir: Path) -> None:
+    """Rank 0 at the end: fold manifest parts into ``manifest.jsonl`` (the last entry per path
+    wins) and error parts into ``errors.jsonl``.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / "manifest-r0.jsonl").write_text('{"path": "/a.png"}\\n')
+        >>> _ = (out / "manifest-r1.jsonl").write_text('{"path": "/b.png"}\\n')
+        >>> merge_parts(out)
+        >>> [p.name for p in out.iterdir()], [e["path"] for e in read_manifest(out)]
+        (['manifest.jsonl'], ['/a.png', '/b.png'])
+    """
+    files = [p for p in _manifest_files(out_dir) if p.exists()]
+    parts = files[1:] if files and files[0].name == MANIFEST else files
+    # Which line of which file is the last entry for each path.
+    last: dict[str, tuple[int, int]] = {}
+    count = 0
+    for fi, path in enumerate(files):
+        for li, entry in enumerate(_iter_jsonl(path)):
+            count += 1
+            if isinstance(entry.get("path"), str):
+                last[entry["path"]] = (fi, li)
+    if parts or count != len(last):
+        keep = set(last.values())
+        lines = [
+            json.dumps(entry)
+            for fi, path in enumerate(files)
+            for li, entry in enumerate(_iter_jsonl(path))
+            if (fi, li) in keep
+        ]
+        _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
+        for part in parts:
+            part.unlink()
+        _fsync_dir(out_dir)
+    # Error parts are this run's (rank 0 removed older ones at the start).
+    error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
+    if error_parts:
+        data = b"".join(p.read_bytes() for p in error_parts)
+        if data:
+            _write_durable(out_dir / ERRORS, data)
+        for part in error_parts:
+            part.unlink()
+        _fsync_dir(out_dir)
