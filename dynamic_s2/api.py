@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from .backbones import Backbone, as_backbone
 from .encode import check_chunking, encode_tiles
 from .merge import RESAMPLE_MODES, MultiScaleFeatures, check_plan_list, merge
 from .plan import Fit, Policy, TilePlan, plan_tiles
-from .tiling import check_images, tile_images
+from .tiling import TileBatch, check_images, check_plans, tile_images
 
 __all__ = ["DynamicS2", "default_scales", "forward"]
 
@@ -48,15 +50,8 @@ def _make_plans(
     fit: Fit,
 ) -> list[TilePlan]:
     if plans is not None:
-        plan_list = check_plan_list(plans)
-        if len(plan_list) != len(images):
-            raise ValueError(f"got {len(plan_list)} plans for {len(images)} images: give one each")
-        for i, (p, img) in enumerate(zip(plan_list, images, strict=True)):
-            if p.image_size != (img.shape[-2], img.shape[-1]):
-                raise ValueError(
-                    f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] "
-                    f"is {(img.shape[-2], img.shape[-1])} (h, w)"
-                )
+        plan_list = check_plan_list(check_plans(plans, images))
+        for i, p in enumerate(plan_list):
             if tile_size is not None and p.tile_size != tile_size:
                 raise ValueError(
                     f"tile_size={tile_size!r} disagrees with plans[{i}], made for tile_size "
@@ -145,24 +140,79 @@ def forward(
     backbone = as_backbone(model, feature_layer=feature_layer)
     items = check_images(images)
     plan_list = _make_plans(items, backbone, scales, plans, tile_size, max_tiles, policy, fit)
-    batch = tile_images(
-        items,
-        plan_list,
+    chunk, multiple = check_chunking(max_batch_tiles, pad_to_multiple)
+    tile = functools.partial(
+        tile_images,
         mean=backbone.mean if mean is None else mean,
         std=backbone.std if std is None else std,
     )
-    features = encode_tiles(
-        backbone, batch.tiles, max_batch_tiles=max_batch_tiles, pad_to_multiple=pad_to_multiple
-    )
-    return merge(
-        features,
-        plan_list,
+    combine = functools.partial(
+        merge,
         output_scale=output_scale,
         resample=resample,
         num_prefix_tokens=(
             backbone.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
         ),
     )
+    if chunk is None:  # everything in one backbone call
+        features = encode_tiles(backbone, tile(items, plan_list).tiles, pad_to_multiple=multiple)
+        return combine(features, plan_list)
+    return MultiScaleFeatures.cat(
+        list(_stream(backbone, items, plan_list, chunk, multiple, tile, combine))
+    )
+
+
+def _stream(
+    backbone: Backbone,
+    images: Sequence[torch.Tensor],
+    plans: Sequence[TilePlan],
+    chunk: int,
+    multiple: int | None,
+    tile: Callable[[Sequence[torch.Tensor], Sequence[TilePlan]], TileBatch],
+    combine: Callable[[torch.Tensor, Sequence[TilePlan]], MultiScaleFeatures],
+) -> Iterator[MultiScaleFeatures]:
+    """Tile, encode and merge in a stream of full chunks of ``chunk`` tiles.
+
+    Images are tiled just ahead of the backbone and merged as soon as all their tiles are encoded,
+    so memory holds the output plus about one chunk of tiles and features, however many images
+    there are. Chunk boundaries do not depend on image boundaries: every backbone call but the
+    last gets exactly ``chunk`` tiles.
+    """
+    counts = [p.num_tiles for p in plans]
+    ends = list(itertools.accumulate(counts))  # tile index just past each image
+    tiled = merged = 0  # images tiled so far; images merged so far
+    queue: list[torch.Tensor] = []  # tiles made but not yet encoded
+    queued = 0
+    done: list[torch.Tensor] = []  # features of encoded tiles of images not yet merged
+    encoded = 0  # tiles encoded so far
+    total = ends[-1]
+    while encoded < total:
+        # Tile whole images until a full chunk (or everything left) is queued.
+        need = min(chunk, total - encoded)
+        if queued < need:
+            stop = tiled
+            while queued < need:
+                queued += counts[stop]
+                stop += 1
+            queue.append(tile(images[tiled:stop], plans[tiled:stop]).tiles)
+            tiled = stop
+        tiles = torch.cat(queue) if len(queue) > 1 else queue[0]
+        take = min(chunk, tiles.shape[0])
+        done.append(encode_tiles(backbone, tiles[:take], pad_to_multiple=multiple))
+        rest = tiles[take:]
+        queue, queued = ([rest] if rest.shape[0] else []), rest.shape[0]
+        encoded += take
+        # Merge every image whose tiles are all encoded.
+        ready = merged
+        while ready < len(plans) and ends[ready] <= encoded:
+            ready += 1
+        if ready > merged:
+            features = torch.cat(done) if len(done) > 1 else done[0]
+            used = ends[ready - 1] - (ends[merged - 1] if merged else 0)
+            yield combine(features[:used], plans[merged:ready])
+            left = features[used:]
+            done = [left] if left.shape[0] else []
+            merged = ready
 
 
 def _check_options(scales: tuple[int, ...], options: dict[str, Any]) -> None:
@@ -203,8 +253,10 @@ class DynamicS2(nn.Module):
     """An ``nn.Module`` that runs :func:`forward` over its backbone.
 
     The backbone is registered as a submodule when it is an ``nn.Module``, so ``.to()``,
-    ``state_dict``, DDP and FSDP see it, gradients flow into it, and it can be compiled
-    (``module.backbone = torch.compile(module.backbone)``).
+    ``state_dict``, DDP and FSDP see it, gradients flow into it, and it can be compiled:
+    ``layer.backbone = torch.compile(layer.backbone)`` keeps the adapter's declarations (input
+    size, prefix count, normalisation) and calls the compiled module the same way
+    (:meth:`~dynamic_s2.backbones.Backbone.with_module`).
 
     Args:
         backbone: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
@@ -250,7 +302,7 @@ class DynamicS2(nn.Module):
     ) -> MultiScaleFeatures:
         """Run :func:`forward` on ``images`` (and optional ``plans``)."""
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
-            self.adapter = as_backbone(self.backbone, feature_layer=self.feature_layer)
+            self.adapter = self.adapter.with_module(self.backbone)
         return forward(self.adapter, images, self.scales, plans=plans, **self.options)
 
     def extra_repr(self) -> str:

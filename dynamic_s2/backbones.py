@@ -59,6 +59,8 @@ class Backbone:
         std: per-channel normalisation std for uint8 images, if known.
         module: the wrapped ``nn.Module``, if any (so that wrappers can register it).
         name: a short description.
+        bind: builds ``fn`` from a module, so that the module can be swapped for another with
+            the same interface (e.g. its ``torch.compile`` d version) by :meth:`with_module`.
 
     Examples:
         >>> bb = Backbone(lambda x: x.flatten(2).transpose(1, 2), input_size=8)
@@ -73,9 +75,31 @@ class Backbone:
     std: tuple[float, ...] | None = None
     module: nn.Module | None = None
     name: str = "callable"
+    bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.fn(tiles)
+
+    def with_module(self, module: Any) -> Backbone:
+        """The same backbone (declarations and calling convention) over another module.
+
+        Raises:
+            ValueError: the backbone's ``fn`` cannot be rebuilt for another module.
+
+        Examples:
+            >>> conv = torch.nn.Conv2d(3, 4, 8, stride=8)
+            >>> bb = as_backbone(conv).with_module(torch.nn.Conv2d(3, 5, 8, stride=8))
+            >>> bb(torch.rand(1, 3, 8, 8)).shape
+            torch.Size([1, 5, 1, 1])
+        """
+        if self.bind is not None:
+            return replace(self, fn=self.bind(module), module=module)
+        if self.module is not None and self.fn is self.module:
+            return replace(self, fn=module, module=module)
+        raise ValueError(
+            f"cannot move backbone {self.name!r} to another module: give Backbone a bind= "
+            "that builds its fn from a module"
+        )
 
 
 def _int_size(value: Any) -> int | None:
@@ -103,20 +127,24 @@ def _hf_backbone(model: nn.Module, feature_layer: int | None) -> Backbone:
     if prefix is not None:
         prefix += int(getattr(config, "num_register_tokens", 0) or 0)
 
-    def fn(tiles: torch.Tensor) -> torch.Tensor:
-        if feature_layer is None:
-            return model(pixel_values=tiles).last_hidden_state
-        out = model(pixel_values=tiles, output_hidden_states=True)
-        return out.hidden_states[feature_layer]
+    def bind(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(tiles: torch.Tensor) -> torch.Tensor:
+            if feature_layer is None:
+                return module(pixel_values=tiles).last_hidden_state
+            out = module(pixel_values=tiles, output_hidden_states=True)
+            return out.hidden_states[feature_layer]
+
+        return fn
 
     return Backbone(
-        fn,
+        bind(model),
         input_size=_int_size(config.image_size),
         num_prefix_tokens=prefix,
         mean=mean,
         std=std,
         module=model,
         name=f"hf:{type(model).__name__}",
+        bind=bind,
     )
 
 
@@ -124,14 +152,17 @@ def _timm_backbone(model: nn.Module) -> Backbone:
     cfg: Any = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     prefix = getattr(model, "num_prefix_tokens", None)
     mean, std = cfg.get("mean"), cfg.get("std")
+    # pretrained_cfg keeps the pretrained size when a model is built with img_size=...
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size")
     return Backbone(
         model.forward_features,  # type: ignore[arg-type]
-        input_size=_int_size(cfg.get("input_size")),
+        input_size=_int_size(size),
         num_prefix_tokens=int(prefix) if prefix is not None else None,
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
         module=model,
         name=f"timm:{type(model).__name__}",
+        bind=lambda m: m.forward_features,
     )
 
 
@@ -189,12 +220,20 @@ def as_backbone(
         raise TypeError(f"model must be callable (a backbone), got {type(model).__name__}")
     elif _is_hf(model):
         backbone = _hf_backbone(model, feature_layer)
+    elif _is_hf(getattr(model, "vision_model", None)):  # a dual model (CLIPModel, SiglipModel)
+        backbone = _hf_backbone(model.vision_model, feature_layer)
     elif isinstance(model, nn.Module) and hasattr(model, "forward_features"):
         backbone = _timm_backbone(model)
     elif hasattr(model, "extract_features"):
         module = model if isinstance(model, nn.Module) else None
         size = _int_size(getattr(getattr(model, "_global_params", None), "image_size", None))
-        backbone = Backbone(model.extract_features, input_size=size, module=module, name="extract")
+        backbone = Backbone(
+            model.extract_features,
+            input_size=size,
+            module=module,
+            name="extract_features",
+            bind=lambda m: m.extract_features,
+        )
     elif isinstance(model, nn.Module) and type(model).__module__.startswith("torchvision.models"):
         trunk = _torchvision_trunk(model)
         backbone = Backbone(
@@ -204,7 +243,11 @@ def as_backbone(
         module = model if isinstance(model, nn.Module) else None
         size = _int_size(getattr(model, "input_size", None))
         backbone = Backbone(model, input_size=size, module=module)
-    if feature_layer is not None and not isinstance(model, Backbone) and not _is_hf(model):
+    if (
+        feature_layer is not None
+        and not isinstance(model, Backbone)
+        and not backbone.name.startswith("hf:")
+    ):
         raise ValueError(
             f"feature_layer={feature_layer} is only supported for HF transformers models, "
             f"got {type(model).__name__}"
@@ -265,7 +308,6 @@ def load_backbone(
         transformers = _require("transformers", "hf")
         name = spec[3:]
         model = transformers.AutoModel.from_pretrained(name)
-        model = getattr(model, "vision_model", model) if not _is_hf(model) else model
         backbone = as_backbone(model)
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(name)

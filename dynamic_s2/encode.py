@@ -29,7 +29,10 @@ def _check_optional_positive(name: str, value: object) -> int | None:
 def check_chunking(
     max_batch_tiles: object, pad_to_multiple: object
 ) -> tuple[int | None, int | None]:
-    """Validate ``max_batch_tiles`` and ``pad_to_multiple``; return them."""
+    """Validate ``max_batch_tiles`` and ``pad_to_multiple``; return ``(chunk, multiple)``.
+
+    ``chunk`` is ``max_batch_tiles`` rounded down to a multiple of ``pad_to_multiple``.
+    """
     chunk = _check_optional_positive("max_batch_tiles", max_batch_tiles)
     multiple = _check_optional_positive("pad_to_multiple", pad_to_multiple)
     if chunk is not None and multiple is not None and multiple > chunk:
@@ -37,6 +40,8 @@ def check_chunking(
             f"pad_to_multiple={multiple} exceeds max_batch_tiles={chunk}: padded chunks would "
             "break the memory bound"
         )
+    if chunk is not None and multiple is not None:
+        chunk -= chunk % multiple  # every chunk a multiple, so only the last needs padding
     return chunk, multiple
 
 
@@ -103,8 +108,6 @@ def encode_tiles(
         raise ValueError(f"tiles must be a non-empty [T, C, t, t] tensor, got {tuple(tiles.shape)}")
     total = tiles.shape[0]
     chunk = total if chunk is None else min(chunk, total)
-    if multiple is not None and chunk % multiple:
-        chunk = max(multiple, chunk - chunk % multiple)
 
     out: torch.Tensor | None = None
     pieces: list[torch.Tensor] = []

@@ -73,6 +73,27 @@ class MultiScaleFeatures:
                 f"{sum(h * w for h, w in self.sizes)}"
             )
 
+    @classmethod
+    def cat(cls, parts: Sequence[MultiScaleFeatures]) -> MultiScaleFeatures:
+        """The images of several results, one after the other.
+
+        Examples:
+            >>> a = MultiScaleFeatures(torch.ones(2, 3), [(1, 2)])
+            >>> MultiScaleFeatures.cat([a, a]).sizes
+            [(1, 2), (1, 2)]
+        """
+        if not parts:
+            raise ValueError("parts must not be empty")
+        if len(parts) == 1:
+            return parts[0]
+        prefixes = [p.prefix for p in parts if p.prefix is not None]
+        return cls(
+            torch.cat([p.tokens for p in parts]),
+            [size for p in parts for size in p.sizes],
+            [plan for p in parts for plan in p.plans],
+            torch.cat(prefixes) if len(prefixes) == len(parts) else None,
+        )
+
     def __repr__(self) -> str:
         return (
             f"MultiScaleFeatures(batch={len(self.sizes)}, sizes={self.sizes}, "
