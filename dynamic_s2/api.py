@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -253,10 +254,10 @@ class DynamicS2(nn.Module):
     """An ``nn.Module`` that runs :func:`forward` over its backbone.
 
     The backbone is registered as a submodule when it is an ``nn.Module``, so ``.to()``,
-    ``state_dict``, DDP and FSDP see it, gradients flow into it, and it can be compiled:
-    ``layer.backbone = torch.compile(layer.backbone)`` keeps the adapter's declarations (input
-    size, prefix count, normalisation) and calls the compiled module the same way
-    (:meth:`~dynamic_s2.backbones.Backbone.with_module`).
+    ``state_dict``, DDP and FSDP see it, and gradients flow into it. To compile the backbone, use
+    :meth:`compile_backbone`; for backbones called through ``forward`` (HF models, plain
+    modules), ``layer.backbone = torch.compile(layer.backbone)`` works too and keeps the
+    adapter's declarations (:meth:`~dynamic_s2.backbones.Backbone.with_module`).
 
     Args:
         backbone: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
@@ -304,6 +305,24 @@ class DynamicS2(nn.Module):
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
             self.adapter = self.adapter.with_module(self.backbone)
         return forward(self.adapter, images, self.scales, plans=plans, **self.options)
+
+    def compile_backbone(self, **options: Any) -> DynamicS2:
+        """Compile the backbone call with ``torch.compile(**options)``; returns ``self``.
+
+        This compiles exactly what the adapter calls (``forward``, ``forward_features``,
+        ``extract_features`` or an HF call), so it works for every backbone family, whereas
+        ``layer.backbone = torch.compile(layer.backbone)`` only compiles ``forward``. Tiles reach
+        the backbone in chunks of ``max_batch_tiles`` (the last padded with ``pad_to_multiple``),
+        so the compiled graph sees few shapes.
+
+        Examples:
+            >>> layer = DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=(32,))
+            >>> layer = layer.compile_backbone(backend="eager")
+            >>> layer([torch.rand(3, 40, 40)]).sizes
+            [(4, 4)]
+        """
+        self.adapter = replace(self.adapter, fn=torch.compile(self.adapter.fn, **options))
+        return self
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}, options={self.options}"

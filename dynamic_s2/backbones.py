@@ -93,7 +93,15 @@ class Backbone:
             torch.Size([1, 5, 1, 1])
         """
         if self.bind is not None:
-            return replace(self, fn=self.bind(module), module=module)
+            fn = self.bind(module)
+            original = getattr(module, "_orig_mod", None)  # torch.compile's module wrapper
+            if original is not None and getattr(fn, "__self__", None) is original:
+                raise ValueError(
+                    f"torch.compile(module) compiles forward only, but backbone {self.name!r} "
+                    f"calls {getattr(fn, '__name__', 'a method')}: compile that call instead, "
+                    "e.g. DynamicS2.compile_backbone()"
+                )
+            return replace(self, fn=fn, module=module)
         if self.module is not None and self.fn is self.module:
             return replace(self, fn=module, module=module)
         raise ValueError(
@@ -303,6 +311,7 @@ def load_backbone(
             std=IMAGENET_STD,
             module=model,
             name="efficientnet-lite0",
+            bind=lambda m: m.extract_features,
         )
     elif spec.startswith("hf:"):
         transformers = _require("transformers", "hf")
