@@ -18,8 +18,7 @@ inputs here: the references read their grids and content sizes and do every othe
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -317,19 +316,3 @@ def random_images(
             for h, w in sizes
         ]
     return [torch.rand(channels, h, w, generator=g).to(dtype) for h, w in sizes]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with ``count`` intra-op threads, then restore the previous setting.
-
-    The tests run under ``pytest -n 2`` on a 2-core machine: with two threads per worker, every
-    tiny op pays for thread hand-offs (tens of milliseconds each when the machine is busy), so the
-    test modules run single-threaded.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

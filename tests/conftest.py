@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # Local runs: the hypothesis defaults, without a deadline (the first call of a torch op can be
@@ -21,6 +23,20 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread() -> Iterator[None]:
+    """One intra-op thread per test process.
+
+    The suite runs under ``pytest -n 2`` on 2-core machines: with two threads per worker, every
+    tiny op pays for thread hand-offs (tens of milliseconds each on a busy machine).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

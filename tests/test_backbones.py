@@ -9,7 +9,7 @@ torch build here and are skipped when missing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _core_reference import random_images, ref_forward, ref_tiles, torch_threads
+from _core_reference import random_images, ref_forward, ref_tiles
 from torch import nn
 
 from dynamic_s2 import (
@@ -45,12 +45,6 @@ from transformers.utils.constants import (  # noqa: E402
 TILE = 32
 PATCH = 8
 TOL_REF = {"atol": 1e-4, "rtol": 1e-4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def _vit_kwargs() -> dict[str, Any]:

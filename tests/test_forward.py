@@ -9,12 +9,11 @@ chunking; gradients are compared with autograd through the reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from _core_reference import Recorder, make_model, random_images, ref_forward, torch_threads
+from _core_reference import Recorder, make_model, random_images, ref_forward
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -38,12 +37,6 @@ image_sizes = st.one_of(
     st.tuples(st.integers(1, 10), st.integers(120, 320)),  # panoramas
     st.tuples(st.integers(120, 320), st.integers(1, 10)),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @st.composite

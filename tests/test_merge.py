@@ -10,12 +10,11 @@ two must agree. The padded view, the mask and the packed output are checked agai
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from _core_reference import assert_within_one_ulp, nvila_merge, ref_merge, torch_threads
+from _core_reference import assert_within_one_ulp, nvila_merge, ref_merge
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -34,12 +33,6 @@ image_sizes = st.one_of(
     st.tuples(st.integers(1, 12), st.integers(150, 300)),
     st.tuples(st.integers(150, 300), st.integers(1, 12)),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

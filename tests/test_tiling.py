@@ -8,12 +8,11 @@ the two must agree to 1e-4 for every fit, policy, dtype and list of sizes hypoth
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from _core_reference import assert_within_one_ulp, random_images, ref_tiles, torch_threads
+from _core_reference import assert_within_one_ulp, random_images, ref_tiles
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,12 +35,6 @@ image_sizes = st.one_of(
     st.tuples(st.integers(1, 12), st.integers(150, 400)),  # panoramas
     st.tuples(st.integers(150, 400), st.integers(1, 12)),  # tall strips
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @st.composite
