@@ -389,8 +389,11 @@ def extract(
             :func:`dynamic_s2.backbones.as_backbone` (used as it is, on its own device).
         scales: pixel scales; default ``(t, 2t, 3t)`` with ``t`` the backbone's input size.
         tile_size: tile side; default the backbone's input size.
-        max_tiles, policy, fit: as in :func:`dynamic_s2.plan_tiles`.
-        output_scale, resample: as in :func:`dynamic_s2.merge`.
+        max_tiles: as in :func:`dynamic_s2.plan_tiles`.
+        policy: as in :func:`dynamic_s2.plan_tiles`.
+        fit: as in :func:`dynamic_s2.plan_tiles`.
+        output_scale: as in :func:`dynamic_s2.merge`.
+        resample: as in :func:`dynamic_s2.merge`.
         batch_images: images per DataLoader batch.
         max_batch_tiles: most tiles per backbone call (``None``: a whole batch at once).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default cuda when available. Under

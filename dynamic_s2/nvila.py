@@ -237,7 +237,8 @@ def preprocess(
             is replicated and alpha dropped, as PIL's ``convert("RGB")`` does.
         scales: pixel sizes, each a multiple of the first (the tile size).
         max_tiles: the most tiles at the last scale (NVILA's ``max_num``).
-        mean, std: per-channel normalisation (SigLIP's ``0.5`` by default).
+        mean: per-channel normalisation mean (SigLIP's ``0.5`` by default).
+        std: per-channel normalisation std (SigLIP's ``0.5`` by default).
 
     Returns:
         ``(tiles, block_size)``: ``tiles`` is ``[1 + 4 + rows·cols, 3, t, t]`` float32 for the
@@ -281,7 +282,10 @@ def preprocess_batch(
 
     Args:
         images: a non-empty sequence of images, each as :func:`preprocess` accepts.
-        scales, max_tiles, mean, std: as in :func:`preprocess`.
+        scales: as in :func:`preprocess`.
+        max_tiles: as in :func:`preprocess`.
+        mean: as in :func:`preprocess`.
+        std: as in :func:`preprocess`.
 
     Returns:
         ``(tiles [sum of tiles, 3, t, t] float32, [(rows, cols), ...])``.
