@@ -150,7 +150,7 @@ class MultiScaleFeatures:
         """``[B, Hmax, Wmax, C_total]`` padded features, zero where :attr:`mask` is False."""
         index, (b, hmax, wmax) = self._padded_index
         out = self.tokens.new_zeros(b * hmax * wmax, self.channels)
-        return out.index_copy(0, index, self.tokens).view(b, hmax, wmax, self.channels)
+        return out.index_copy_(0, index, self.tokens).view(b, hmax, wmax, self.channels)
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -326,7 +326,6 @@ def stitch_resample(
     dtype, device = maps[0].dtype, maps[0].device
     counts = [h * w for h, w in out_sizes]
     total = sum(counts)
-    starts = np.concatenate([[0], np.cumsum(counts)])
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     grad = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
     out = None if grad else torch.empty((total, num_scales * channels), dtype=dtype, device=device)
@@ -335,9 +334,9 @@ def stitch_resample(
     for s in range(num_scales):
         src, (st_t, st_y, st_x) = _flat_rows(maps[s])
         h_s, w_s = maps[s].shape[1], maps[s].shape[2]
-        # Host arithmetic: per image, the source rows and weights of every output cell,
-        # grouped by tap count so that every gather does only useful work.
-        by_taps: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        # Host arithmetic: for every output cell of every image (in output order), the source rows
+        # and weights of its taps, padded with zero weights to the scale's largest tap count.
+        rows_list, weight_list = [], []
         for b, (oh, ow) in enumerate(out_sizes):
             layout = layouts[b][s]
             vh, vw = layout.valid
@@ -348,52 +347,49 @@ def stitch_resample(
             rows = rows + ((ci % w_s) * st_x)[None, :, None, :]
             weight = rw[:, None, :, None] * cw[None, :, None, :]
             taps = rows.shape[2] * rows.shape[3]
-            dest = np.arange(starts[b], starts[b + 1])
-            by_taps.setdefault(taps, []).append(
-                (dest, rows.reshape(-1, taps), weight.reshape(-1, taps))
-            )
+            rows_list.append(rows.reshape(-1, taps))
+            weight_list.append(weight.reshape(-1, taps))
+        most = max(r.shape[1] for r in rows_list)
+        rows_np = np.concatenate(
+            [np.pad(r, ((0, 0), (0, most - r.shape[1])), mode="edge") for r in rows_list]
+        )
+        weight_np = np.concatenate(
+            [np.pad(w, ((0, 0), (0, most - w.shape[1]))) for w in weight_list]
+        )
+        rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
         column = None if out is None else out[:, s * channels : (s + 1) * channels]
-        pieces = []
-        for taps, parts in by_taps.items():
-            dest = np.concatenate([p[0] for p in parts])
-            rows_np = np.concatenate([p[1] for p in parts])
-            weight_np = np.concatenate([p[2] for p in parts])
-            rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
-            full = len(by_taps) == 1
-            if full and column is not None and (taps == 1 or dtype == compute):
-                # Write straight into the output's channel slice: no temporary of the output size.
-                torch.index_select(src, 0, rows_t[:, 0], out=column)
-                if taps > 1:
-                    weight_t = torch.from_numpy(weight_np).to(device, dtype, non_blocking=True)
-                    column.mul_(weight_t[:, :1])
-                    for k in range(1, taps):
-                        column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
+        if column is not None and (most == 1 or dtype == compute):
+            # In place, straight into the output's channel slice: the first tap is gathered into
+            # it, every further tap is added only where its weight is not zero.
+            torch.index_select(src, 0, rows_t[:, 0], out=column)
+            if most == 1:
                 continue
-            if taps == 1:
-                value = src.index_select(0, rows_t[:, 0])
-            else:
-                weight_t = torch.from_numpy(weight_np).to(device, compute, non_blocking=True)
-                value = src.index_select(0, rows_t[:, 0]).to(compute) * weight_t[:, :1]
-                for k in range(1, taps):
-                    value = (
-                        value
-                        + src.index_select(0, rows_t[:, k]).to(compute) * weight_t[:, k : k + 1]
-                    )
-                value = value.to(dtype)
-            if column is not None:
-                if full:
-                    column.copy_(value)
-                else:
-                    column.index_copy_(0, torch.from_numpy(dest).to(device), value)
-            else:
-                pieces.append((dest, value))
-        if column is None:
-            if len(pieces) == 1:
-                columns.append(pieces[0][1])
-            else:
-                dest_all = torch.from_numpy(np.concatenate([d for d, _ in pieces])).to(device)
-                stacked = torch.cat([v for _, v in pieces])
-                columns.append(torch.empty_like(stacked).index_copy(0, dest_all, stacked))
+            weight_t = torch.from_numpy(weight_np).to(device, dtype, non_blocking=True)
+            if not np.all(weight_np[:, 0] == 1.0):
+                column.mul_(weight_t[:, :1])
+            for k in range(1, most):
+                used = np.flatnonzero(weight_np[:, k])
+                if len(used) == total:
+                    column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
+                elif len(used):
+                    where = torch.from_numpy(used).to(device, non_blocking=True)
+                    value = src.index_select(0, rows_t[where, k]) * weight_t[where, k : k + 1]
+                    column.index_add_(0, where, value)
+            continue
+        # Functional path (autograd, or half precision computed in float32).
+        if most == 1:
+            value = src.index_select(0, rows_t[:, 0])
+        else:
+            weight_t = torch.from_numpy(weight_np).to(device, compute, non_blocking=True)
+            value = src.index_select(0, rows_t[:, 0]).to(compute) * weight_t[:, :1]
+            for k in range(1, most):
+                tap = src.index_select(0, rows_t[:, k]).to(compute)
+                value = value + tap * weight_t[:, k : k + 1]
+            value = value.to(dtype)
+        if column is not None:
+            column.copy_(value)
+        else:
+            columns.append(value)
     if out is not None:
         return out
     return torch.cat(columns, dim=1)
