@@ -314,7 +314,11 @@ def tile_images(
 
     tiles = torch.empty((offset, channels, t, t), dtype=out_dtype, device=device)
     for members in by_size.values():
-        stack = torch.stack([items[b] for b in members])
+        stack = (
+            items[members[0]][None]
+            if len(members) == 1
+            else torch.stack([items[b] for b in members])
+        )
         if uint8 and not uint8_resize:  # resize is linear: normalising first is equivalent
             stack = normalise(stack)
         elif uint8 and device.type == "cpu":  # the layout torch's uint8 kernel wants, made once
