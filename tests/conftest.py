@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, settings
 # Local runs: the hypothesis defaults, without a deadline (the first call of a torch op can be
 # slow on a shared machine, and no test here is about wall-clock time).
 settings.register_profile("default", deadline=None)
-# CI: a moderate number of examples, fresh random draws on every run, and no health check that
-# fails merely because a shared machine is slow.
+# CI: a moderate number of examples, drawn the same way on every run (a CI verdict should not
+# depend on the draw; local runs keep exploring), and no health check that fails merely because a
+# shared machine is slow.
 settings.register_profile(
     "ci",
     deadline=None,
-    derandomize=False,
+    derandomize=True,
     max_examples=50,
     suppress_health_check=[HealthCheck.too_slow],
 )
