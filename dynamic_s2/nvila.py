@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .merge import merge
-from .plan import ScalePlan, TilePlan, check_scales, plan_tiles
+from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import cut_grid, tile_images
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -334,23 +334,6 @@ def preprocess_batch(
 # --------------------------------------------------------------------------------------- merge
 
 
-@lru_cache(maxsize=4096)
-def _plan_from_block(block_size: BlockSize, scales: tuple[int, ...]) -> TilePlan:
-    """The NVILA plan behind a block size: ``k × k`` below the last scale, ``block_size`` at it.
-
-    NVILA's merge knows the block size, not the image size, and plan.py has no constructor for a
-    plan given its last-scale grid, so the plan is built from its fields. ``image_size`` is set to
-    the last scale's canvas (the stretched image); the merge reads only the grids.
-    """
-    tile = scales[0]
-    grids = [(s // tile, s // tile) for s in scales[:-1]] + [block_size]
-    scale_plans = tuple(
-        ScalePlan(s, g, tile, (g[0] * tile, g[1] * tile))
-        for s, g in zip(scales, grids, strict=True)
-    )
-    return TilePlan(scale_plans[-1].canvas_size, tile, scale_plans, "nvila", "stretch")
-
-
 def _check_nvila_scales(scales: Any) -> tuple[int, ...]:
     out = check_scales(scales)
     if any(s % out[0] for s in out):
@@ -432,7 +415,7 @@ def merge_features(
     out_index = int(output_scale) % len(sc)
 
     plans = [
-        _plan_from_block(_check_block_size(f"block_sizes[{b}]", bs), sc)
+        nvila_plan_for_block(_check_block_size(f"block_sizes[{b}]", bs), sc)
         for b, bs in enumerate(block_sizes)
     ]
     expected = sum(p.num_tiles for p in plans)

@@ -37,6 +37,7 @@ __all__ = [
     "ScalePlan",
     "TilePlan",
     "grid_aspect_error",
+    "nvila_plan_for_block",
     "plan_tiles",
 ]
 
@@ -559,6 +560,39 @@ def _aspect_grids(
     return grids
 
 
+def _nvila_lower_grids(sc: tuple[int, ...]) -> list[tuple[int, int]]:
+    """NVILA's square ``k × k`` grids of every scale but the last, ``k = scale // scales[0]``."""
+    return [(s // sc[0], s // sc[0]) for s in sc[:-1]]
+
+
+def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> TilePlan:
+    """The ``policy="nvila"`` plan whose last scale has the grid ``block_size`` (rows, cols).
+
+    NVILA's merge knows an image's block size, not its size: this rebuilds the plan from it. The
+    image size is taken as the last scale's canvas (the stretched image the tiles were cut from).
+
+    Examples:
+        >>> [sp.grid for sp in nvila_plan_for_block((3, 4), (448, 896, 1344)).scales]
+        [(1, 1), (2, 2), (3, 4)]
+    """
+    sc = check_scales(scales)
+    if any(s % sc[0] for s in sc):
+        raise ValueError(f"scales must be multiples of the first (NVILA), got {sc!r}")
+    grids = [*_nvila_lower_grids(sc), _size_pair("block_size", block_size)]
+    t = sc[0]
+    canvas = (grids[-1][0] * t, grids[-1][1] * t)
+    return TilePlan(
+        canvas,
+        t,
+        tuple(
+            ScalePlan(s, g, t, _content_size(*canvas, g, t, "stretch"))
+            for s, g in zip(sc, grids, strict=True)
+        ),
+        "nvila",
+        "stretch",
+    )
+
+
 @lru_cache(maxsize=256)
 def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     # NVILA builds a Python set with these loops and sorts it by area; among equal areas the set's
@@ -597,7 +631,7 @@ def _nvila_grids(
             f"max_tiles={max_num} is below the {min_num} tiles policy='nvila' needs at scale "
             f"{sc[-1]} (({sc[-1]} // {base})²)"
         )
-    grids = [(s // base, s // base) for s in sc[:-1]]
+    grids = _nvila_lower_grids(sc)
     aspect = w / h
     area = w * h
     best_diff = math.inf
