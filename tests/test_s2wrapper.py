@@ -129,6 +129,13 @@ def master_calls(draw: st.DrawFn) -> dict[str, Any]:
             assume(size % n == 0 and size // n >= patch)
         kwargs["scales"] = scales
         kwargs["max_split_size"] = mss
+    return _finish_case(draw, kwargs, n_scales, side, side, patch)
+
+
+def _finish_case(
+    draw: st.DrawFn, kwargs: dict[str, Any], n_scales: int, height: int, width: int, patch: int
+) -> dict[str, Any]:
+    """The arguments both semantics share: output layout, prefix, split_forward, batch, dtype."""
     output_shape = draw(st.sampled_from(["bnc", "bchw"]))
     kwargs.update(
         resize_output_to_idx=draw(st.integers(-n_scales, n_scales - 1)),
@@ -138,15 +145,15 @@ def master_calls(draw: st.DrawFn) -> dict[str, Any]:
     )
     return {
         "batch": draw(st.integers(1, 3)),
-        "side": side,
+        "height": height,
+        "width": width,
         "patch": patch,
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
         "kwargs": kwargs,
     }
 
 
-@given(master_calls())
-def test_master_matches_reference(case: dict[str, Any]) -> None:
+def _check_against_reference(case: dict[str, Any]) -> None:
     kwargs = case["kwargs"]
     model = _make_model(
         case["dtype"],
@@ -154,11 +161,16 @@ def test_master_matches_reference(case: dict[str, Any]) -> None:
         num_prefix=kwargs["num_prefix_token"],
         maps=kwargs["output_shape"] == "bchw",
     )
-    x = _images(case["batch"], case["side"], case["side"], case["dtype"])
+    x = _images(case["batch"], case["height"], case["width"], case["dtype"])
     ours, ref = _both(model, x, **kwargs)
     assert ours.shape == ref.shape
     assert ours.dtype == ref.dtype == case["dtype"]
     torch.testing.assert_close(ours, ref, **TOL)
+
+
+@given(master_calls())
+def test_master_matches_reference(case: dict[str, Any]) -> None:
+    _check_against_reference(case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,37 +206,12 @@ def any_shape_calls(draw: st.DrawFn) -> dict[str, Any]:
     else:
         kwargs["img_sizes"] = [draw(st.integers(1, 24)) for _ in range(n_scales)]
         assume(height != width or split_mode is not None)
-    output_shape = draw(st.sampled_from(["bnc", "bchw"]))
-    kwargs.update(
-        resize_output_to_idx=draw(st.integers(-n_scales, n_scales - 1)),
-        num_prefix_token=draw(st.integers(0, 2)) if output_shape == "bnc" else 0,
-        output_shape=output_shape,
-        split_forward=draw(st.booleans()),
-    )
-    return {
-        "batch": draw(st.integers(1, 3)),
-        "height": height,
-        "width": width,
-        "patch": patch,
-        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
-        "kwargs": kwargs,
-    }
+    return _finish_case(draw, kwargs, n_scales, height, width, patch)
 
 
 @given(any_shape_calls())
 def test_any_shape_matches_reference(case: dict[str, Any]) -> None:
-    kwargs = case["kwargs"]
-    model = _make_model(
-        case["dtype"],
-        patch=case["patch"],
-        num_prefix=kwargs["num_prefix_token"],
-        maps=kwargs["output_shape"] == "bchw",
-    )
-    x = _images(case["batch"], case["height"], case["width"], case["dtype"])
-    ours, ref = _both(model, x, **kwargs)
-    assert ours.shape == ref.shape
-    assert ours.dtype == ref.dtype == case["dtype"]
-    torch.testing.assert_close(ours, ref, **TOL)
+    _check_against_reference(case)
 
 
 # ---------------------------------------------------------------------------------------------
