@@ -5,13 +5,17 @@ The pipeline runs in one direction::
     sizes --plan_tiles--> TilePlan --tile_images--> TileBatch --encode_tiles--> features --merge-->
     MultiScaleFeatures
 
-:func:`forward` runs all four stages and :class:`DynamicS2` wraps them in an ``nn.Module``.
+:func:`prepare` plans and tiles (CPU, no model), :func:`run` encodes and merges; :func:`forward`
+is the two in a row and :class:`DynamicS2` wraps it in an ``nn.Module``. Every option is a field of
+:class:`S2Options`.
 """
 
-from .api import DynamicS2, default_scales, forward
+from . import nvila, s2wrapper
+from .api import DynamicS2, forward, prepare, run
 from .backbones import Backbone, as_backbone, load_backbone
 from .encode import encode_tiles
 from .merge import MultiScaleFeatures, merge
+from .options import S2Options, default_scales
 from .plan import ScalePlan, TilePlan, plan_tiles
 from .tiling import TileBatch, collate, resize, tile_images
 
@@ -21,6 +25,7 @@ __all__ = [
     "Backbone",
     "DynamicS2",
     "MultiScaleFeatures",
+    "S2Options",
     "ScalePlan",
     "TileBatch",
     "TilePlan",
@@ -32,7 +37,11 @@ __all__ = [
     "forward",
     "load_backbone",
     "merge",
+    "nvila",
     "plan_tiles",
+    "prepare",
     "resize",
+    "run",
+    "s2wrapper",
     "tile_images",
 ]

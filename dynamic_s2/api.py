@@ -1,10 +1,14 @@
-"""``forward`` and ``DynamicS2``: plan → tile → encode → merge in one call."""
+"""The chain in two halves: :func:`prepare` (plan + tile) and :func:`run` (encode + merge).
+
+:func:`forward` is ``run(model, prepare(images, ...), ...)`` in one call, and :class:`DynamicS2`
+wraps it in an ``nn.Module``. The public stages check their arguments; the chain checks once, here
+and in :class:`~dynamic_s2.options.S2Options`, then calls the stages' unchecked cores.
+"""
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -12,74 +16,181 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
-from .encode import check_chunking, encode_tiles
-from .merge import RESAMPLE_MODES, MultiScaleFeatures, check_plan_list, merge
-from .plan import Fit, Policy, TilePlan, plan_tiles
-from .tiling import TileBatch, check_images, check_plans, tile_images
+from .encode import _encode, check_chunking
+from .merge import MultiScaleFeatures, _merge
+from .options import S2Options, default_scales, make_options
+from .plan import TilePlan, plan_tiles
+from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
-__all__ = ["DynamicS2", "default_scales", "forward"]
+__all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
+
+#: What the planner reads from the options (the rest of plan_tiles' arguments are the size).
+_PLAN_KEYS = ("tile_size", "max_tiles", "policy", "fit")
 
 
-def default_scales(backbone: Backbone) -> tuple[int, int, int]:
-    """``(t, 2t, 3t)`` from the backbone's declared input size ``t`` (the S2 and NVILA standard).
+def _with_scales(kwargs: Mapping[str, Any], scales: Any) -> dict[str, Any]:
+    out = dict(kwargs)
+    if scales is not None:
+        out["scales"] = scales
+    return out
 
-    Raises:
-        ValueError: the backbone declares no input size.
+
+def _plans(
+    items: Sequence[torch.Tensor],
+    opts: S2Options,
+    plans: Sequence[TilePlan] | TilePlan | None,
+    given: Mapping[str, Any],
+) -> tuple[TilePlan, ...]:
+    """The plan of every image: made from the options, or ``plans`` checked against them."""
+    if plans is None:
+        if opts.scales is None:
+            raise ValueError(
+                "scales must be given (or a model to take them from), got None: pass "
+                "scales=, e.g. scales=(448, 896, 1344)"
+            )
+        settings = {k: getattr(opts, k) for k in _PLAN_KEYS}
+        return tuple(
+            plan_tiles(img.shape[-2], img.shape[-1], opts.scales, **settings) for img in items
+        )
+    plan_list = check_plans(plans, items)
+    for i, p in enumerate(plan_list):
+        made = {
+            "scales": tuple(sp.scale for sp in p.scales),
+            "tile_size": p.tile_size,
+            "policy": p.policy,
+            "fit": p.fit,
+        }
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name in made and getattr(opts, name) != made[name]:
+                raise ValueError(
+                    f"{name}={value!r} disagrees with plans[{i}], made with {name}="
+                    f"{made[name]!r}: give one or the other"
+                )
+            if name == "max_tiles":
+                raise ValueError(
+                    f"max_tiles={value!r} has no effect with plans=, which fix the tiles: give "
+                    "one or the other"
+                )
+    if len({p.num_scales for p in plan_list}) > 1:
+        raise ValueError("plans must all have the same number of scales")
+    return plan_list
+
+
+def _tiler(
+    items: Sequence[torch.Tensor], plans: Sequence[TilePlan], opts: S2Options
+) -> Callable[[int, int], torch.Tensor]:
+    """Tiles of images ``a:b``, made on demand."""
+    scale, shift = _affine(opts.mean, opts.std, items[0].shape[0])
+    scale, shift = scale.to(items[0].device), shift.to(items[0].device)
+
+    def tiles(a: int, b: int) -> torch.Tensor:
+        return _tile(items[a:b], tuple(plans[a:b]), scale, shift, 0.0, opts.uint8_resize).tiles
+
+    return tiles
+
+
+def prepare(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    scales: Sequence[int] | None = None,
+    *,
+    plans: Sequence[TilePlan] | TilePlan | None = None,
+    model: Any = None,
+    options: S2Options | None = None,
+    **kwargs: Any,
+) -> TileBatch:
+    """Plan and tile a batch of images: the CPU half of the chain, with no model call.
+
+    Fit for DataLoader workers (``collate_fn=functools.partial(prepare, scales=...)``); the
+    result pickles and moves with ``.to(device)``.
+
+    Args:
+        images: a list of ``[C, H, W]`` tensors of any sizes, or a ``[B, C, H, W]`` tensor.
+        scales: pixel sizes, e.g. ``(448, 896, 1344)``.
+        plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of planning.
+        model: a backbone to take defaults from (scales, tile size, mean/std); it is not called.
+        options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
+        **kwargs: any field of :class:`~dynamic_s2.options.S2Options`.
+
+    Returns:
+        A :class:`~dynamic_s2.tiling.TileBatch`.
 
     Examples:
-        >>> default_scales(Backbone(lambda x: x, input_size=224))
-        (224, 448, 672)
+        >>> batch = prepare([torch.rand(3, 48, 64), torch.rand(3, 90, 30)], scales=(32, 64))
+        >>> batch.tiles.shape, batch.tile_counts
+        (torch.Size([13, 3, 32, 32]), (7, 6))
     """
-    t = backbone.input_size
-    if t is None:
+    opts = make_options(options, _with_scales(kwargs, scales), where="prepare()")
+    if model is not None:
+        opts = opts.resolve(as_backbone(model))
+    items = check_images(images)
+    plan_list = _plans(items, opts, plans, kwargs)
+    return TileBatch(_tiler(items, plan_list, opts)(0, len(items)), plan_list)
+
+
+def run(
+    model: Any,
+    batch: TileBatch,
+    *,
+    options: S2Options | None = None,
+    **kwargs: Any,
+) -> MultiScaleFeatures:
+    """Encode and merge a prepared batch: the model half of the chain.
+
+    With ``max_batch_tiles`` the backbone sees full chunks of that many tiles and every image is
+    merged as soon as its tiles are encoded.
+
+    Args:
+        model: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
+        batch: a :class:`~dynamic_s2.tiling.TileBatch` from :func:`prepare`, on the model's device.
+        options: an :class:`~dynamic_s2.options.S2Options`; only its encode and merge fields are
+            read.
+        **kwargs: encode and merge fields of :class:`~dynamic_s2.options.S2Options`
+            (``max_batch_tiles``, ``pad_to_multiple``, ``feature_layer``, ``output_scale``,
+            ``resample``, ``num_prefix_tokens``).
+
+    Returns:
+        :class:`~dynamic_s2.merge.MultiScaleFeatures`.
+
+    Examples:
+        >>> model = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        >>> batch = prepare([torch.rand(3, 48, 64)], scales=(32, 64))
+        >>> run(model, batch, max_batch_tiles=4).sizes
+        [(8, 12)]
+    """
+    opts = make_options(options, kwargs, where="run()", stages=("encode", "merge"))
+    if not isinstance(batch, TileBatch):
+        raise TypeError(f"batch must be a TileBatch (from prepare), got {type(batch).__name__}")
+    tiles = batch.tiles
+    if not isinstance(tiles, torch.Tensor) or tiles.dim() != 4 or not batch.plans:
+        raise ValueError(f"batch must hold [T, C, t, t] tiles and plans, got {batch!r}")
+    if tiles.shape[0] != sum(batch.tile_counts):
         raise ValueError(
-            f"scales were not given and the backbone ({backbone.name}) declares no input size "
-            "(HF config.image_size or timm pretrained_cfg['input_size']): pass scales=, e.g. "
-            "scales=(448, 896, 1344)"
+            f"batch has {tiles.shape[0]} tiles but its plans need {sum(batch.tile_counts)}"
         )
-    return (t, 2 * t, 3 * t)
+    backbone = as_backbone(model, feature_layer=opts.feature_layer)
+    opts = opts.resolve(backbone, planning=False)
+    ends = [0, *itertools.accumulate(batch.tile_counts)]
+    return _run(backbone, batch.plans, lambda a, b: tiles[ends[a] : ends[b]], opts)
 
 
-def _make_plans(
-    images: Sequence[torch.Tensor],
+def _run(
     backbone: Backbone,
-    scales: Sequence[int] | None,
-    plans: Sequence[TilePlan] | TilePlan | None,
-    tile_size: int | None,
-    max_tiles: int | Sequence[int] | None,
-    policy: Policy,
-    fit: Fit,
-) -> list[TilePlan]:
-    if plans is not None:
-        plan_list = check_plan_list(check_plans(plans, images))
-        for i, p in enumerate(plan_list):
-            if tile_size is not None and p.tile_size != tile_size:
-                raise ValueError(
-                    f"tile_size={tile_size!r} disagrees with plans[{i}], made for tile_size "
-                    f"{p.tile_size}: give one or the other"
-                )
-            if scales is not None and tuple(sp.scale for sp in p.scales) != tuple(scales):
-                raise ValueError(
-                    f"scales={tuple(scales)!r} disagrees with plans[{i}], made for scales "
-                    f"{tuple(sp.scale for sp in p.scales)}: give one or the other"
-                )
-        return plan_list
-    if scales is None:
-        scales = default_scales(backbone)
-        if tile_size is None:
-            tile_size = backbone.input_size
-    return [
-        plan_tiles(
-            img.shape[-2],
-            img.shape[-1],
-            scales,
-            tile_size=tile_size,
-            max_tiles=max_tiles,
-            policy=policy,
-            fit=fit,
-        )
-        for img in images
-    ]
+    plans: Sequence[TilePlan],
+    tiles: Callable[[int, int], torch.Tensor],
+    opts: S2Options,
+) -> MultiScaleFeatures:
+    """Encode and merge, in one backbone call or in a stream of full chunks."""
+    out_index = plans[0].scale_index(opts.output_scale, "output_scale")
+    chunk, multiple = check_chunking(opts.max_batch_tiles, opts.pad_to_multiple)
+
+    def combine(features: torch.Tensor, part: Sequence[TilePlan]) -> MultiScaleFeatures:
+        return _merge(features, part, out_index, opts.resample, opts.num_prefix_tokens)
+
+    if chunk is None:  # everything in one backbone call
+        return combine(_encode(backbone, tiles(0, len(plans)), None, multiple), plans)
+    return MultiScaleFeatures.cat(list(_stream(backbone, plans, chunk, multiple, tiles, combine)))
 
 
 def forward(
@@ -88,25 +199,17 @@ def forward(
     scales: Sequence[int] | None = None,
     *,
     plans: Sequence[TilePlan] | TilePlan | None = None,
-    tile_size: int | None = None,
-    max_tiles: int | Sequence[int] | None = None,
-    policy: Policy = "aspect",
-    fit: Fit = "stretch",
-    output_scale: int = -1,
-    resample: str = "area",
-    num_prefix_tokens: int | None = None,
-    max_batch_tiles: int | None = None,
-    pad_to_multiple: int | None = None,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
-    feature_layer: int | None = None,
+    options: S2Options | None = None,
+    **kwargs: Any,
 ) -> MultiScaleFeatures:
     """Multi-scale features of a batch of images of any sizes, through any backbone.
 
-    Plans the tiles of every image (:func:`~dynamic_s2.plan.plan_tiles`), cuts them
+    Exactly ``run(model, prepare(images, scales, model=model, ...), ...)``: plans the tiles of
+    every image (:func:`~dynamic_s2.plan.plan_tiles`), cuts them
     (:func:`~dynamic_s2.tiling.tile_images`), runs the backbone over all tiles in chunks
-    (:func:`~dynamic_s2.encode.encode_tiles`) and merges them
-    (:func:`~dynamic_s2.merge.merge`).
+    (:func:`~dynamic_s2.encode.encode_tiles`) and merges them (:func:`~dynamic_s2.merge.merge`).
+    With ``max_batch_tiles``, images are tiled just ahead of the backbone, so memory holds about
+    one chunk of tiles.
 
     Args:
         model: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
@@ -114,19 +217,11 @@ def forward(
         scales: pixel sizes, e.g. ``(448, 896, 1344)``. Default: ``(t, 2t, 3t)`` from the
             backbone's declared input size ``t``.
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of ``scales``.
-        tile_size: tile side (default ``scales[0]``, or the backbone's size with default scales).
-        max_tiles: tile budget, see :func:`~dynamic_s2.plan.plan_tiles`.
-        policy: ``"aspect"`` or ``"nvila"``.
-        fit: ``"stretch"`` or ``"pad"``.
-        output_scale: the scale whose grid all scales are resampled to (-1: the largest).
-        resample: ``"area"`` or ``"bilinear"``.
-        num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
-            inferred.
-        max_batch_tiles: the most tiles per backbone call.
-        pad_to_multiple: pad the last chunk to a multiple of this many tiles.
-        mean: normalisation for uint8 images; default from the backbone.
-        std: normalisation for uint8 images; default from the backbone.
-        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer.
+        options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
+        **kwargs: any field of :class:`~dynamic_s2.options.S2Options`: ``tile_size``,
+            ``max_tiles``, ``policy``, ``fit``, ``mean``, ``std``, ``uint8_resize``,
+            ``feature_layer``, ``max_batch_tiles``, ``pad_to_multiple``, ``output_scale``,
+            ``resample``, ``num_prefix_tokens``.
 
     Returns:
         :class:`~dynamic_s2.merge.MultiScaleFeatures`.
@@ -138,38 +233,31 @@ def forward(
         >>> out.features.shape, out.mask.sum(dim=(1, 2)).tolist()
         (torch.Size([2, 12, 12, 16]), [96, 48])
     """
-    backbone = as_backbone(model, feature_layer=feature_layer)
-    items = check_images(images)
-    plan_list = _make_plans(items, backbone, scales, plans, tile_size, max_tiles, policy, fit)
-    chunk, multiple = check_chunking(max_batch_tiles, pad_to_multiple)
-    tile = functools.partial(
-        tile_images,
-        mean=backbone.mean if mean is None else mean,
-        std=backbone.std if std is None else std,
-    )
-    combine = functools.partial(
-        merge,
-        output_scale=output_scale,
-        resample=resample,
-        num_prefix_tokens=(
-            backbone.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
-        ),
-    )
-    if chunk is None:  # everything in one backbone call
-        features = encode_tiles(backbone, tile(items, plan_list).tiles, pad_to_multiple=multiple)
-        return combine(features, plan_list)
-    return MultiScaleFeatures.cat(
-        list(_stream(backbone, items, plan_list, chunk, multiple, tile, combine))
-    )
+    given = _with_scales(kwargs, scales)
+    opts = make_options(options, given, where="forward()")
+    backbone = as_backbone(model, feature_layer=opts.feature_layer)
+    return _forward(backbone, check_images(images), plans, opts.resolve(backbone), given)
+
+
+def _forward(
+    backbone: Backbone,
+    items: Sequence[torch.Tensor],
+    plans: Sequence[TilePlan] | TilePlan | None,
+    opts: S2Options,
+    given: Mapping[str, Any],
+) -> MultiScaleFeatures:
+    if plans is None and opts.scales is None:
+        default_scales(backbone)  # raises, naming the backbone
+    plan_list = _plans(items, opts, plans, given)
+    return _run(backbone, plan_list, _tiler(items, plan_list, opts), opts)
 
 
 def _stream(
     backbone: Backbone,
-    images: Sequence[torch.Tensor],
     plans: Sequence[TilePlan],
     chunk: int,
     multiple: int | None,
-    tile: Callable[[Sequence[torch.Tensor], Sequence[TilePlan]], TileBatch],
+    tile: Callable[[int, int], torch.Tensor],
     combine: Callable[[torch.Tensor, Sequence[TilePlan]], MultiScaleFeatures],
 ) -> Iterator[MultiScaleFeatures]:
     """Tile, encode and merge in a stream of full chunks of ``chunk`` tiles.
@@ -195,11 +283,11 @@ def _stream(
             while queued < need:
                 queued += counts[stop]
                 stop += 1
-            queue.append(tile(images[tiled:stop], plans[tiled:stop]).tiles)
+            queue.append(tile(tiled, stop))
             tiled = stop
         tiles = torch.cat(queue) if len(queue) > 1 else queue[0]
         take = min(chunk, tiles.shape[0])
-        done.append(encode_tiles(backbone, tiles[:take], pad_to_multiple=multiple))
+        done.append(_encode(backbone, tiles[:take], None, multiple))
         rest = tiles[take:]
         queue, queued = ([rest] if rest.shape[0] else []), rest.shape[0]
         encoded += take
@@ -216,40 +304,6 @@ def _stream(
             merged = ready
 
 
-def _check_options(scales: tuple[int, ...], options: dict[str, Any]) -> None:
-    """Validate :class:`DynamicS2`'s options up front, with the same checks the stages make."""
-    dry = plan_tiles(
-        64,
-        64,
-        scales,
-        tile_size=options.get("tile_size"),
-        max_tiles=options.get("max_tiles"),
-        policy=options.get("policy", "aspect"),
-        fit=options.get("fit", "stretch"),
-    )
-    dry.scale_index(options.get("output_scale", -1), "output_scale")
-    resample = options.get("resample", "area")
-    if resample not in RESAMPLE_MODES:
-        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-    check_chunking(options.get("max_batch_tiles"), options.get("pad_to_multiple"))
-
-
-_OPTIONS = {
-    "tile_size",
-    "max_tiles",
-    "policy",
-    "fit",
-    "output_scale",
-    "resample",
-    "num_prefix_tokens",
-    "max_batch_tiles",
-    "pad_to_multiple",
-    "mean",
-    "std",
-    "feature_layer",
-}
-
-
 class DynamicS2(nn.Module):
     """An ``nn.Module`` that runs :func:`forward` over its backbone.
 
@@ -262,7 +316,11 @@ class DynamicS2(nn.Module):
     Args:
         backbone: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
         scales: pixel sizes; default ``(t, 2t, 3t)`` from the backbone's input size.
-        **options: any keyword argument of :func:`forward` except ``plans``.
+        options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
+        **kwargs: any field of :class:`~dynamic_s2.options.S2Options`, validated here, once.
+
+    Attributes:
+        options: the resolved :class:`~dynamic_s2.options.S2Options` used on every call.
 
     Examples:
         >>> layer = DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=(32, 64))
@@ -271,30 +329,26 @@ class DynamicS2(nn.Module):
         torch.Size([8, 8, 8])
     """
 
-    def __init__(self, backbone: Any, scales: Sequence[int] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        backbone: Any,
+        scales: Sequence[int] | None = None,
+        *,
+        options: S2Options | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
-        if "plans" in options:
+        if "plans" in kwargs:
             raise TypeError("DynamicS2 makes plans per call; pass plans= to forward() instead")
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise TypeError(
-                f"DynamicS2 got unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
-            )
-        self.feature_layer = options.pop("feature_layer", None)
-        self.adapter = as_backbone(
-            backbone,
-            feature_layer=self.feature_layer,
-            num_prefix_tokens=options.get("num_prefix_tokens"),
-        )
+        opts = make_options(options, _with_scales(kwargs, scales), where="DynamicS2()")
+        self.adapter = as_backbone(backbone, feature_layer=opts.feature_layer)
         self.backbone = self.adapter.module
-        self.scales: tuple[int, ...]
-        if scales is None:
-            self.scales = default_scales(self.adapter)
-            options.setdefault("tile_size", self.adapter.input_size)
-        else:
-            self.scales = (scales,) if isinstance(scales, int) else tuple(scales)
-        _check_options(self.scales, options)
-        self.options = options
+        self.options = opts.resolve(self.adapter)
+        if self.options.scales is None:
+            default_scales(self.adapter)  # raises, naming the backbone
+        self.scales: tuple[int, ...] = self.options.scales or ()
+        # what a call's plans= must agree with
+        self._fixed = {"scales": self.scales, "tile_size": self.options.tile_size}
 
     def forward(
         self,
@@ -304,7 +358,7 @@ class DynamicS2(nn.Module):
         """Run :func:`forward` on ``images`` (and optional ``plans``)."""
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
             self.adapter = self.adapter.with_module(self.backbone)
-        return forward(self.adapter, images, self.scales, plans=plans, **self.options)
+        return _forward(self.adapter, check_images(images), plans, self.options, self._fixed)
 
     def compile_backbone(self, **options: Any) -> DynamicS2:
         """Compile the backbone call with ``torch.compile(**options)``; returns ``self``.

@@ -11,19 +11,10 @@ from collections.abc import Callable
 
 import torch
 
+from . import _checks
 from .backbones import Backbone, as_backbone
 
 __all__ = ["encode_tiles"]
-
-
-def _check_optional_positive(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
 
 
 def check_chunking(
@@ -33,8 +24,8 @@ def check_chunking(
 
     ``chunk`` is ``max_batch_tiles`` rounded down to a multiple of ``pad_to_multiple``.
     """
-    chunk = _check_optional_positive("max_batch_tiles", max_batch_tiles)
-    multiple = _check_optional_positive("pad_to_multiple", pad_to_multiple)
+    chunk = _checks.optional(_checks.positive_int, "max_batch_tiles", max_batch_tiles)
+    multiple = _checks.optional(_checks.positive_int, "pad_to_multiple", pad_to_multiple)
     if chunk is not None and multiple is not None and multiple > chunk:
         raise ValueError(
             f"pad_to_multiple={multiple} exceeds max_batch_tiles={chunk}: padded chunks would "
@@ -106,6 +97,13 @@ def encode_tiles(
         raise TypeError(f"tiles must be a torch.Tensor, got {type(tiles).__name__}")
     if tiles.dim() != 4 or tiles.shape[0] == 0:
         raise ValueError(f"tiles must be a non-empty [T, C, t, t] tensor, got {tuple(tiles.shape)}")
+    return _encode(backbone, tiles, chunk, multiple)
+
+
+def _encode(
+    backbone: Backbone, tiles: torch.Tensor, chunk: int | None, multiple: int | None
+) -> torch.Tensor:
+    """:func:`encode_tiles` on checked arguments (the chain calls this directly)."""
     total = tiles.shape[0]
     chunk = total if chunk is None else min(chunk, total)
 

@@ -21,6 +21,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
+from . import _checks
 from .plan import TilePlan
 
 __all__ = [
@@ -206,12 +207,7 @@ def split_prefix(
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"tile features must be a torch.Tensor, got {type(features).__name__}")
-    if num_prefix_tokens is not None and (
-        isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int)
-    ):
-        raise TypeError(f"num_prefix_tokens must be an int or None, got {num_prefix_tokens!r}")
-    if num_prefix_tokens is not None and num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    _checks.optional(_checks.non_negative_int, "num_prefix_tokens", num_prefix_tokens)
     if features.dim() in (3, 4) and features.shape[-1 if features.dim() == 3 else 1] == 0:
         raise ValueError(f"tile_features have no channels: shape {tuple(features.shape)}")
     if features.dim() == 4:
@@ -511,6 +507,17 @@ def merge(
             f"total), got shape {tuple(tile_features.shape)}"
         )
     out_index = plan_list[0].scale_index(output_scale, "output_scale")
+    return _merge(tile_features, plan_list, out_index, resample, num_prefix_tokens)
+
+
+def _merge(
+    tile_features: torch.Tensor,
+    plan_list: Sequence[TilePlan],
+    out_index: int,
+    resample: str,
+    num_prefix_tokens: int | None,
+) -> MultiScaleFeatures:
+    """:func:`merge` on checked arguments (the chain calls this directly)."""
     prefix, maps = split_prefix(tile_features, num_prefix_tokens)
     if maps.shape[1] != maps.shape[2]:
         raise ValueError(

@@ -350,6 +350,26 @@ def _check_max_tiles(max_tiles: Any, n_scales: int) -> tuple[int, ...] | int | N
     raise TypeError(f"max_tiles must be None, an int or one int per scale, got {max_tiles!r}")
 
 
+def check_settings(
+    scales: Any, tile_size: Any, max_tiles: Any, policy: Any, fit: Any
+) -> tuple[tuple[int, ...], int, tuple[int, ...] | int | None]:
+    """Validate the planning settings of :func:`plan_tiles`; return ``(scales, tile, caps)``.
+
+    Examples:
+        >>> check_settings((448, 896), None, 6, "aspect", "pad")
+        ((448, 896), 448, 6)
+    """
+    sc = check_scales(scales)
+    t = sc[0] if tile_size is None else _check_positive_int("tile_size", tile_size)
+    if sc[0] < t:
+        raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    return sc, t, _check_max_tiles(max_tiles, len(sc))
+
+
 # --------------------------------------------------------------------------------------- public
 
 
@@ -444,15 +464,7 @@ def _plan_uncached(
 ) -> TilePlan:
     h = _check_positive_int("height", height)
     w = _check_positive_int("width", width)
-    sc = check_scales(scales)
-    t = sc[0] if tile_size is None else _check_positive_int("tile_size", tile_size)
-    if sc[0] < t:
-        raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    caps = _check_max_tiles(max_tiles, len(sc))
+    sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
     if policy == "nvila":
         grids = _nvila_grids(h, w, sc, t, caps)
     else:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import _checks
 from .plan import TilePlan
 
 __all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images"]
@@ -228,22 +229,10 @@ def _affine(
     """``(a, b)`` with ``x / 255`` then ``(x - mean) / std`` written as ``x * a + b``."""
     stats = []
     for name, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
-        if value is None:
-            vals = [default] * channels
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            vals = [float(value)] * channels
-        elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-                raise TypeError(f"{name} must hold numbers, one per channel, got {value!r}")
-            vals = [float(v) for v in value]
-        else:
-            raise TypeError(f"{name} must be a number or one number per channel, got {value!r}")
-        if len(vals) != channels:
-            raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
-        stats.append(torch.tensor(vals, dtype=torch.float32).view(-1, 1, 1))
+        checked = _checks.stats(name, value, channels)
+        vals = checked if isinstance(checked, tuple) else (default if checked is None else checked,)
+        stats.append(torch.tensor(vals, dtype=torch.float32).expand(channels).reshape(-1, 1, 1))
     m, s = stats
-    if bool((s == 0).any()):
-        raise ValueError(f"std must not contain zeros, got {std!r}")
     return 1.0 / (255.0 * s), -m / s
 
 
@@ -286,10 +275,22 @@ def tile_images(
     """
     items = check_images(images)
     plan_list = check_plans(plans, items)
-    channels = items[0].shape[0]
-    scale, shift = _affine(mean, std, channels)
+    scale, shift = _affine(mean, std, items[0].shape[0])
     if isinstance(pad_value, bool) or not isinstance(pad_value, int | float):
         raise TypeError(f"pad_value must be a number, got {pad_value!r}")
+    return _tile(items, plan_list, scale, shift, float(pad_value), bool(uint8_resize))
+
+
+def _tile(
+    items: Sequence[torch.Tensor],
+    plan_list: tuple[TilePlan, ...],
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    pad_value: float,
+    uint8_resize: bool,
+) -> TileBatch:
+    """:func:`tile_images` on checked arguments (the chain calls this directly)."""
+    channels = items[0].shape[0]
     uint8 = items[0].dtype == torch.uint8
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device

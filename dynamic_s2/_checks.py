@@ -1,0 +1,182 @@
+"""Argument validators: one home, one phrasing ("``name`` must be …, got …").
+
+Every validator returns the normalised value, so a checked value is the one used (as in
+torchvision's ``_check_interpolation``). Wrong types raise :class:`TypeError`, wrong values
+:class:`ValueError`; both name the argument and quote the value received.
+
+Examples:
+    >>> positive_int("max_batch_tiles", 8)
+    8
+    >>> positive_int("max_batch_tiles", 0)
+    Traceback (most recent call last):
+        ...
+    ValueError: max_batch_tiles must be a positive int, got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+__all__ = [
+    "boolean",
+    "index",
+    "int_pair",
+    "is_int",
+    "is_sequence",
+    "non_negative_int",
+    "one_of",
+    "optional",
+    "positive_int",
+    "stats",
+]
+
+T = TypeVar("T")
+
+
+def is_int(value: object) -> bool:
+    """True for ints (and numpy integers), False for bools and everything else.
+
+    Examples:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_sequence(value: object) -> bool:
+    """True for a list, tuple or other sequence that is not a string or bytes.
+
+    Examples:
+        >>> is_sequence((1, 2)), is_sequence("ab")
+        (True, False)
+    """
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _int_at_least(name: str, value: Any, minimum: int, what: str) -> int:
+    if not is_int(value):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int ≥ 1.
+
+    Examples:
+        >>> positive_int("tile_size", 448)
+        448
+    """
+    return _int_at_least(name, value, 1, "a positive int")
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """``value`` as an int ≥ 0.
+
+    Examples:
+        >>> non_negative_int("workers", 0)
+        0
+    """
+    return _int_at_least(name, value, 0, "an int >= 0")
+
+
+def optional(check: Any, name: str, value: Any) -> Any:
+    """``None``, or ``check(name, value)``.
+
+    Examples:
+        >>> optional(positive_int, "max_tiles", None) is None
+        True
+    """
+    return None if value is None else check(name, value)
+
+
+def int_pair(name: str, value: Any) -> tuple[int, int]:
+    """A pair of positive ints, e.g. a ``(rows, cols)`` grid or an ``(h, w)`` size.
+
+    Examples:
+        >>> int_pair("grid", [2, 3])
+        (2, 3)
+    """
+    if not is_sequence(value) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of positive ints, got {value!r}")
+    if not all(is_int(v) and v > 0 for v in value):
+        raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def one_of(name: str, value: Any, choices: Sequence[T]) -> T:
+    """``value``, which must be one of ``choices``.
+
+    Examples:
+        >>> one_of("fit", "pad", ("stretch", "pad"))
+        'pad'
+    """
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)!r}, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value``, which must be a bool.
+
+    Examples:
+        >>> boolean("overwrite", False)
+        False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def index(name: str, value: Any, length: int) -> int:
+    """``value`` as an index into ``length`` items, negative indices counted from the end.
+
+    Examples:
+        >>> index("output_scale", -1, 3)
+        2
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int index, got {value!r} ({type(value).__name__})")
+    if not -length <= value < length:
+        raise ValueError(
+            f"{name} must index one of {length} items (-{length}..{length - 1}), got {value!r}"
+        )
+    return int(value) % length
+
+
+def stats(name: str, value: Any, channels: int | None = None) -> float | tuple[float, ...] | None:
+    """Per-channel normalisation ``mean`` or ``std``: ``None``, a number, or one per channel.
+
+    ``std`` values must be non-zero; all must be finite. With ``channels``, a sequence must have
+    exactly that length.
+
+    Examples:
+        >>> stats("mean", [0.5, 0.5, 0.5])
+        (0.5, 0.5, 0.5)
+        >>> stats("std", 0.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: std must be finite and non-zero, got 0.0
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values: tuple[float, ...] = (float(value),)
+    elif is_sequence(value) and len(value) > 0:
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be a number or one number per channel, got {value!r}")
+        values = tuple(float(v) for v in value)
+    else:
+        raise TypeError(f"{name} must be a number or one number per channel, got {value!r}")
+    if not all(math.isfinite(v) and (name != "std" or v != 0.0) for v in values):
+        what = "finite and non-zero" if name == "std" else "finite"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if not is_sequence(value):
+        return values[0]
+    if channels is not None and len(values) != channels:
+        raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
+    return values
