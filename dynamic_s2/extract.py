@@ -28,16 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import store
-from .backbones import _require, as_backbone, load_backbone
-from .encode import encode_tiles
-from .merge import merge
-from .plan import TilePlan, plan_tiles
+from . import _checks, store
+from ._optional import require
+from .api import prepare, run
+from .backbones import Backbone, as_backbone, load_backbone
+from .options import S2Options, default_scales, make_options
+from .plan import TilePlan
 from .store import CONFIG as CONFIG
 from .store import ERRORS, MANIFEST, load_features, read_manifest
-from .tiling import TileBatch, collate, tile_images
+from .tiling import TileBatch, collate
 
 __all__ = [
     "EXIT_SOME_FAILED",
@@ -143,9 +145,8 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
         >>> read_image(path).shape
         torch.Size([3, 3, 5])
     """
-    np = _require("numpy", "demo")
-    pil_image = _require("PIL.Image", "demo")
-    image_ops = _require("PIL.ImageOps", "demo")
+    pil_image = require("PIL.Image", "demo")
+    image_ops = require("PIL.ImageOps", "demo")
     with pil_image.open(path) as opened:
         image = image_ops.exif_transpose(opened)
         if image is None:  # older Pillow with in_place semantics
@@ -194,13 +195,7 @@ class _Batch:
 @dataclasses.dataclass(eq=False)
 class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     jobs: list[_Job]
-    scales: tuple[int, ...]
-    tile_size: int | None
-    max_tiles: int | tuple[int, ...] | None
-    policy: str
-    fit: str
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
+    options: S2Options  # resolved: scales, tile size and normalisation known
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -208,17 +203,7 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> _Loaded | _Failed:
         job = self.jobs[i]
         try:
-            image = read_image(job.path)
-            plan = plan_tiles(
-                int(image.shape[1]),
-                int(image.shape[2]),
-                self.scales,
-                tile_size=self.tile_size,
-                max_tiles=self.max_tiles,
-                policy=self.policy,  # type: ignore[arg-type]
-                fit=self.fit,  # type: ignore[arg-type]
-            )
-            batch = tile_images([image], [plan], mean=self.mean, std=self.std)
+            batch = prepare([read_image(job.path)], options=self.options)
         except Exception as exc:  # one bad file never stops the run
             return _Failed(job, type(exc).__name__, str(exc))
         return _Loaded(job, batch)
@@ -333,26 +318,196 @@ class ExtractResult:
         return self.out_dir / ERRORS if self.failed_total else None
 
 
-def _positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> Any:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _resolve_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[_checks.one_of("dtype", dtype, tuple(_DTYPES))]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was requested but CUDA is not available here")
+    return dev
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The checked run settings of :func:`extract` (everything but the pipeline options)."""
+
+    out: Path
+    batch_images: int
+    device: torch.device
+    dtype: torch.dtype
+    workers: int
+    shard_size: int
+    overwrite: bool
+    progress: bool
+
+
+def _settings(out_dir: Any, **run: Any) -> _Settings:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
+    return _Settings(
+        out,
+        _checks.positive_int("batch_images", run["batch_images"]),
+        _resolve_device(run["device"]),
+        _resolve_dtype(run["dtype"]),
+        _checks.non_negative_int("workers", run["workers"]),
+        _checks.positive_int("shard_size", run["shard_size"]),
+        _checks.boolean("overwrite", run["overwrite"]),
+        bool(run["progress"]),
+    )
+
+
+def _load_model(backbone: Any, device: torch.device, dtype: torch.dtype) -> tuple[Backbone, str]:
+    """The backbone and the name ``extract.json`` records for it."""
+    if isinstance(backbone, str):
+        return load_backbone(backbone, device=device, dtype=dtype), backbone
+    return as_backbone(backbone), f"<{type(backbone).__module__}.{type(backbone).__qualname__}>"
+
+
+def _open_folder(settings: _Settings, config: dict[str, Any], ctx: _Dist) -> None:
+    """Create the folder, refuse other settings (unless overwriting), write ``extract.json``."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    if not settings.overwrite:
+        store.check_config(settings.out, config)
+    ctx.barrier()
+    if ctx.rank == 0:
+        store.prepare(settings.out, config, overwrite=settings.overwrite)
+    ctx.barrier()
+
+
+def _job_list(
+    paths: Sequence[Path], ctx: _Dist, done: set[Any]
+) -> tuple[list[_Job], int, list[_Failed]]:
+    """This rank's images still to do, how many are done already, and those that vanished."""
+    jobs: list[_Job] = []
+    skipped = 0
+    missing: list[_Failed] = []
+    for index in range(ctx.rank, len(paths), ctx.world_size):
+        path = paths[index]
+        try:
+            st = path.stat()
+        except OSError as exc:
+            missing.append(_Failed(_Job(index, str(path), -1, -1), type(exc).__name__, str(exc)))
+            continue
+        job = _Job(index, str(path), st.st_size, st.st_mtime_ns)
+        if (job.path, job.nbytes, job.mtime_ns) in done:
+            skipped += 1
+        else:
+            jobs.append(job)
+    return jobs, skipped, missing
+
+
+def _loader(jobs: list[_Job], options: S2Options, settings: _Settings) -> Any:
+    return torch.utils.data.DataLoader(
+        _ImageDataset(jobs, options),
+        batch_size=settings.batch_images,
+        shuffle=False,
+        num_workers=settings.workers,
+        collate_fn=_collate,
+        pin_memory=settings.device.type == "cuda",
+        worker_init_fn=_worker_init if settings.workers else None,
+    )
+
+
+@dataclasses.dataclass
+class _Counts:
+    extracted: int = 0
+    failed: int = 0
+
+
+def _record_failure(out: Path, rank: int | None, item: _Failed, counts: _Counts) -> None:
+    counts.failed += 1
+    warnings.warn(
+        f"skipping {item.job.path}: {item.error}: {item.message}", ExtractWarning, stacklevel=3
+    )
+    store.append_error(out, rank, item.job.path, item.error, item.message)
+
+
+def _write_batch(
+    model: Backbone,
+    batch: _Batch,
+    options: S2Options,
+    settings: _Settings,
+    writer: store.ShardWriter,
+    compute_dtype: torch.dtype,
+) -> int:
+    """Encode and merge one loaded batch and hand every image to the writer."""
+    if batch.tiles is None:
+        return 0
+    with torch.inference_mode():
+        tiles = batch.tiles.to(settings.device, compute_dtype, non_blocking=True)
+        merged = run(model, TileBatch(tiles, batch.plans), options=options)
+        maps = merged.unpad()
+    for i, (job, plan, fmap) in enumerate(zip(batch.jobs, batch.plans, maps, strict=True)):
+        stored = fmap.to(device="cpu", dtype=settings.dtype, copy=True)
+        p = None
+        if merged.prefix is not None:
+            p = merged.prefix[i].to(device="cpu", dtype=settings.dtype, copy=True)
+        writer.add(  # writes the shard when it is full
+            job.index,
+            stored,
+            p,
+            path=job.path,
+            nbytes=job.nbytes,
+            mtime_ns=job.mtime_ns,
+            plan=plan,
+        )
+    return len(maps)
+
+
+def _loop(
+    model: Backbone,
+    options: S2Options,
+    settings: _Settings,
+    ctx: _Dist,
+    jobs: list[_Job],
+    missing: list[_Failed],
+    writer: store.ShardWriter,
+) -> _Counts:
+    """Read, encode and write every job of this rank, with a progress bar."""
+    tqdm = require("tqdm", "demo").tqdm
+    rank = ctx.rank if ctx.active else None
+    compute_dtype = settings.dtype if settings.device.type == "cuda" else torch.float32
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    counts = _Counts()
+    bar = tqdm(
+        total=len(jobs) + len(missing),
+        unit="img",
+        desc=f"extract r{ctx.rank}" if ctx.active else "extract",
+        position=ctx.rank if ctx.active else None,
+        disable=not settings.progress,
+        dynamic_ncols=True,
+    )
+    with writer, bar:
+        for item in missing:
+            _record_failure(settings.out, rank, item, counts)
+            bar.update(1)
+        for batch in _loader(jobs, options, settings) if jobs else ():
+            for item in batch.failed:
+                _record_failure(settings.out, rank, item, counts)
+            counts.extracted += _write_batch(model, batch, options, settings, writer, compute_dtype)
+            bar.update(len(batch.jobs) + len(batch.failed))
+            if counts.failed:
+                bar.set_postfix(failed=counts.failed, refresh=False)
+            if delay:
+                time.sleep(delay)
+        writer.flush()
+    return counts
 
 
 def extract(
@@ -360,21 +515,15 @@ def extract(
     out_dir: str | os.PathLike[str],
     *,
     backbone: Any = "efficientnet-lite0",
-    scales: Sequence[int] | None = None,
-    tile_size: int | None = None,
-    max_tiles: int | Sequence[int] | None = None,
-    policy: str = "aspect",
-    fit: str = "stretch",
-    output_scale: int = -1,
-    resample: str = "area",
     batch_images: int = 8,
-    max_batch_tiles: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
     workers: int = 2,
     shard_size: int = 100,
     overwrite: bool = False,
     progress: bool = True,
+    options: S2Options | None = None,
+    **kwargs: Any,
 ) -> ExtractResult:
     """Extract multi-scale features of every image under ``inputs`` into sharded safetensors.
 
@@ -387,15 +536,7 @@ def extract(
         backbone: a spec for :func:`dynamic_s2.backbones.load_backbone` (``"efficientnet-lite0"``,
             ``"hf:NAME_OR_PATH"``, ``"timm:NAME"``) or a model accepted by
             :func:`dynamic_s2.backbones.as_backbone` (used as it is, on its own device).
-        scales: pixel scales; default ``(t, 2t, 3t)`` with ``t`` the backbone's input size.
-        tile_size: tile side; default the backbone's input size.
-        max_tiles: as in :func:`dynamic_s2.plan_tiles`.
-        policy: as in :func:`dynamic_s2.plan_tiles`.
-        fit: as in :func:`dynamic_s2.plan_tiles`.
-        output_scale: as in :func:`dynamic_s2.merge`.
-        resample: as in :func:`dynamic_s2.merge`.
         batch_images: images per DataLoader batch.
-        max_batch_tiles: most tiles per backbone call (``None``: a whole batch at once).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; default cuda when available. Under
             torchrun, ``"cuda"`` means the rank's ``LOCAL_RANK`` GPU.
         dtype: dtype of the stored features: ``"float32"``, ``"float16"`` or ``"bfloat16"``. On
@@ -404,6 +545,10 @@ def extract(
         shard_size: most images per shard (a shard is also closed at 1 GiB).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
+        options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
+        **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
+            ``max_batch_tiles``, ...), as in :func:`dynamic_s2.forward`. The fields that change the
+            features are recorded in ``extract.json``.
 
     Returns:
         An :class:`ExtractResult`; ``result.failed_total > 0`` means some images failed.
@@ -434,213 +579,59 @@ def extract(
         1
     """
     start = time.perf_counter()
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
-    batch_images = _positive_int("batch_images", batch_images)
-    max_batch_tiles = _positive_int("max_batch_tiles", max_batch_tiles, allow_none=True)
-    workers = _positive_int("workers", workers, minimum=0)
-    shard_size = _positive_int("shard_size", shard_size)
-    out_dtype = _resolve_dtype(dtype)
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
-    if device is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} was requested but CUDA is not available here")
+    settings = _settings(
+        out_dir,
+        batch_images=batch_images,
+        device=device,
+        dtype=dtype,
+        workers=workers,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    opts = make_options(options, kwargs, where="extract()")
     paths = find_images(inputs)
     if not paths:
         raise ValueError(f"inputs: no image files found in {inputs!r}")
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
-    tqdm = _require("tqdm", "demo").tqdm
-    _require("safetensors.torch", "demo")
-    _require("PIL.Image", "demo")
+    for module in ("tqdm", "safetensors.torch", "PIL.Image"):
+        require(module, "demo")
 
-    ctx, dev = _setup_dist(dev)
+    ctx, dev = _setup_dist(settings.device)
+    settings = dataclasses.replace(settings, device=dev)
     try:
-        compute_dtype = out_dtype if dev.type == "cuda" else torch.float32
-        if isinstance(backbone, str):
-            spec = backbone
-            model = load_backbone(backbone, device=dev, dtype=compute_dtype)
-        else:
-            spec = f"<{type(backbone).__module__}.{type(backbone).__qualname__}>"
-            model = as_backbone(backbone)
-        input_size = getattr(model, "input_size", None)
-        if tile_size is None and input_size:
-            tile_size = int(input_size)
-        if scales is None:
-            if not tile_size:
-                raise ValueError(
-                    "scales: the backbone does not say its input size; pass scales explicitly"
-                )
-            scales = (tile_size, 2 * tile_size, 3 * tile_size)
-        scale_tuple = tuple(scales)
-        caps = tuple(max_tiles) if isinstance(max_tiles, Sequence) else max_tiles
-        # Fail early (in this process) on bad planning arguments, rather than once per image.
-        plan_tiles(
-            scale_tuple[-1],
-            scale_tuple[-1],
-            scale_tuple,
-            tile_size=tile_size,
-            max_tiles=caps,
-            policy=policy,  # type: ignore[arg-type]
-            fit=fit,  # type: ignore[arg-type]
-        )
-        config = {
-            "format": store.FORMAT,
-            "backbone": spec,
-            "scales": list(scale_tuple),
-            "tile_size": tile_size,
-            "max_tiles": list(caps) if isinstance(caps, tuple) else caps,
-            "policy": policy,
-            "fit": fit,
-            "output_scale": output_scale,
-            "resample": resample,
-            "dtype": _dtype_name(out_dtype),
-        }
-        out.mkdir(parents=True, exist_ok=True)
-        if not overwrite:
-            store.check_config(out, config)
-        ctx.barrier()
-        if ctx.rank == 0:
-            store.prepare(out, config, overwrite=overwrite)
-        ctx.barrier()
-
+        compute_dtype = settings.dtype if dev.type == "cuda" else torch.float32
+        model, spec = _load_model(backbone, dev, compute_dtype)
+        opts = opts.resolve(model)
+        if opts.scales is None:
+            default_scales(model)  # raises, naming the backbone
+        config = {"format": store.FORMAT, "backbone": spec, **opts.to_config()}
+        config["dtype"] = _dtype_name(settings.dtype)
+        _open_folder(settings, config, ctx)
         # This rank's files (shard-r{r}-*, manifest-r{r}.jsonl, errors-r{r}.jsonl under
         # torch.distributed), cleaned of what a crash left, and the images already done.
         own_rank = ctx.rank if ctx.active else None
-        done, next_shard = store.recover(out, own_rank)
-
-        jobs: list[_Job] = []
-        skipped = 0
-        missing: list[_Failed] = []
-        for index in range(ctx.rank, len(paths), ctx.world_size):
-            path = paths[index]
-            try:
-                st = path.stat()
-            except OSError as exc:
-                missing.append(
-                    _Failed(_Job(index, str(path), -1, -1), type(exc).__name__, str(exc))
-                )
-                continue
-            job = _Job(index, str(path), st.st_size, st.st_mtime_ns)
-            if (job.path, job.nbytes, job.mtime_ns) in done:
-                skipped += 1
-            else:
-                jobs.append(job)
-
-        dataset = _ImageDataset(
-            jobs,
-            scale_tuple,
-            tile_size,
-            caps,
-            policy,
-            fit,
-            getattr(model, "mean", None),
-            getattr(model, "std", None),
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_images,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=dev.type == "cuda",
-            worker_init_fn=_worker_init if workers else None,
-        )
-        delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-        num_prefix = getattr(model, "num_prefix_tokens", None)
-        metadata = {"format": store.FORMAT, "backbone": spec}
-        extracted = 0
-        failed = 0
-
-        def record_failure(item: _Failed) -> None:
-            nonlocal failed
-            failed += 1
-            warnings.warn(
-                f"skipping {item.job.path}: {item.error}: {item.message}",
-                ExtractWarning,
-                stacklevel=2,
-            )
-            store.append_error(out, own_rank, item.job.path, item.error, item.message)
-
+        done, next_shard = store.recover(settings.out, own_rank)
+        jobs, skipped, missing = _job_list(paths, ctx, done)
         writer = store.ShardWriter(
-            out,
+            settings.out,
             rank=own_rank,
             first_index=next_shard,
-            shard_size=shard_size,
-            metadata=metadata,
+            shard_size=settings.shard_size,
+            metadata={"format": store.FORMAT, "backbone": spec},
         )
-        bar = tqdm(
-            total=len(jobs) + len(missing),
-            unit="img",
-            desc=f"extract r{ctx.rank}" if ctx.active else "extract",
-            position=ctx.rank if ctx.active else None,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        with writer, bar:
-            for item in missing:
-                record_failure(item)
-                bar.update(1)
-            for batch in loader if jobs else ():
-                for item in batch.failed:
-                    record_failure(item)
-                if batch.tiles is not None:
-                    with torch.inference_mode():
-                        tiles = batch.tiles.to(dev, compute_dtype, non_blocking=True)
-                        feats = encode_tiles(model, tiles, max_batch_tiles=max_batch_tiles)
-                        merged = merge(
-                            feats,
-                            list(batch.plans),
-                            output_scale=output_scale,
-                            resample=resample,  # type: ignore[arg-type]
-                            num_prefix_tokens=num_prefix,
-                        )
-                        maps = merged.unpad()
-                        prefix = merged.prefix
-                    for i, (job, plan, fmap) in enumerate(
-                        zip(batch.jobs, batch.plans, maps, strict=True)
-                    ):
-                        stored = fmap.to(device="cpu", dtype=out_dtype, copy=True)
-                        p = None
-                        if prefix is not None:
-                            p = prefix[i].to(device="cpu", dtype=out_dtype, copy=True)
-                        writer.add(  # writes the shard when it is full
-                            job.index,
-                            stored,
-                            p,
-                            path=job.path,
-                            nbytes=job.nbytes,
-                            mtime_ns=job.mtime_ns,
-                            plan=plan,
-                        )
-                        extracted += 1
-                bar.update(len(batch.jobs) + len(batch.failed))
-                if failed:
-                    bar.set_postfix(failed=failed, refresh=False)
-                if delay:
-                    time.sleep(delay)
-            writer.flush()
-
-        failed_total = ctx.all_sum(failed)  # also waits for every rank to finish
+        counts = _loop(model, opts, settings, ctx, jobs, missing, writer)
+        failed_total = ctx.all_sum(counts.failed)  # also waits for every rank to finish
         if ctx.rank == 0:
-            store.merge_parts(out)
+            store.merge_parts(settings.out)
         ctx.barrier()
     finally:
         if ctx.owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return ExtractResult(
-        out,
-        extracted,
+        settings.out,
+        counts.extracted,
         skipped,
-        failed,
+        counts.failed,
         failed_total,
         tuple(writer.written),
         time.perf_counter() - start,

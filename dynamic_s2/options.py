@@ -271,14 +271,15 @@ def _json_safe(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def stage_fields(*stages: str, cls: type[S2Options] = S2Options) -> list[str]:
-    """Names of the options read by ``stages``.
+def stage_fields(*stages: str, cls: type[S2Options] | None = None) -> list[str]:
+    """Names of the options read by ``stages`` (all stages when none is named).
 
     Examples:
         >>> stage_fields("plan")
         ['scales', 'tile_size', 'max_tiles', 'policy', 'fit']
     """
-    return [f.name for f in fields(cls) if f.metadata["stage"] in stages]
+    chosen = stages or STAGES
+    return [f.name for f in fields(cls or S2Options) if f.metadata["stage"] in chosen]
 
 
 def _check_names(given: Iterable[str], cls: type[S2Options], where: str) -> None:
@@ -294,7 +295,6 @@ def make_options(
     *,
     where: str,
     stages: tuple[str, ...] = STAGES,
-    cls: type[S2Options] = S2Options,
 ) -> S2Options:
     """``options`` (or the defaults) with ``kwargs`` applied; only options of ``stages`` allowed.
 
@@ -308,7 +308,7 @@ def make_options(
     """
     if options is not None and not isinstance(options, S2Options):
         raise TypeError(f"options must be an S2Options or None, got {type(options).__name__}")
-    base = cls() if options is None else options
+    base = S2Options() if options is None else options  # S2Options looked up now, not at import
     _check_names(kwargs, type(base), where)
     for name in kwargs:
         stage = next(f.metadata["stage"] for f in fields(base) if f.name == name)

@@ -49,7 +49,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .backbones import _require
+from ._optional import require
 
 if TYPE_CHECKING:
     from .plan import TilePlan
@@ -128,7 +128,7 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Save ``tensors`` as safetensors at ``path``, atomically like :func:`_write_durable`."""
-    safetensors_torch = _require("safetensors.torch", "demo")
+    safetensors_torch = require("safetensors.torch", "demo")
     tmp = path.with_name(path.name + ".tmp")
     safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
@@ -262,7 +262,7 @@ def load_features(
         raise ValueError(
             f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
         )
-    safetensors = _require("safetensors", "demo")
+    safetensors = require("safetensors", "demo")
     key = entry["key"] + (".prefix" if prefix else "")
     with safetensors.safe_open(
         os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)

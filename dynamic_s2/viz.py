@@ -17,11 +17,12 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .backbones import _require
+import numpy as np
+
+from ._optional import require
 from .plan import TilePlan
 
 if TYPE_CHECKING:
-    import numpy as np
     from matplotlib.figure import Figure
 
 __all__ = ["draw_features", "draw_plan", "pca_rgb"]
@@ -45,8 +46,7 @@ _PAD_STYLE: dict[str, Any] = {
 
 def _to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
     """A PIL image, NumPy array or torch tensor as a uint8 ``[H, W, 3]`` NumPy array."""
-    np = _require("numpy", "demo")
-    pil_image = _require("PIL.Image", "demo")
+    pil_image = require("PIL.Image", "demo")
     if isinstance(image, pil_image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # a torch tensor
@@ -145,10 +145,9 @@ def draw_plan(
     plan = _check_plan(plan)
     if not isinstance(dpi, int) or isinstance(dpi, bool) or dpi <= 0:
         raise ValueError(f"dpi: expected a positive int, got {dpi!r}")
-    np = _require("numpy", "demo")
-    pil_image = _require("PIL.Image", "demo")
-    figure_module = _require("matplotlib.figure", "demo")
-    patches = _require("matplotlib.patches", "demo")
+    pil_image = require("PIL.Image", "demo")
+    figure_module = require("matplotlib.figure", "demo")
+    patches = require("matplotlib.patches", "demo")
 
     array = _to_uint8_hwc(image)
     source = pil_image.fromarray(array)
@@ -214,7 +213,7 @@ def draw_plan(
     return fig
 
 
-def _top_components(np: Any, x: np.ndarray, k: int) -> np.ndarray:
+def _top_components(x: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` leading right singular vectors of ``x`` ``[N, C]``, as rows ``[k, C]``.
 
     Small matrices get an exact SVD. Larger ones (a merged map has thousands of channels) use a
@@ -264,7 +263,6 @@ def pca_rgb(features: Any) -> np.ndarray:
         >>> rgb.shape, rgb.dtype.name
         ((6, 8, 3), 'uint8')
     """
-    np = _require("numpy", "demo")
     if hasattr(features, "detach") and hasattr(features, "cpu"):
         array = features.detach().cpu().float().numpy()
     elif isinstance(features, np.ndarray):
@@ -290,7 +288,7 @@ def pca_rgb(features: Any) -> np.ndarray:
         if fit.shape[0] > _PCA_MAX_FIT_ROWS:  # an even subsample of the cells fits the components
             step = fit.shape[0] / _PCA_MAX_FIT_ROWS
             fit = fit[(np.arange(_PCA_MAX_FIT_ROWS) * step).astype(np.int64)]
-        components = _top_components(np, fit, k)  # [k, C]
+        components = _top_components(fit, k)  # [k, C]
         largest = np.argmax(np.abs(components), axis=1)
         signs = np.sign(components[np.arange(k), largest])
         signs[signs == 0] = 1.0
@@ -369,7 +367,7 @@ def draw_features(
             f"features: {c_total} channels cannot be split into {num_scales} scales "
             f"(scales={scale_list})"
         )
-    figure_module = _require("matplotlib.figure", "demo")
+    figure_module = require("matplotlib.figure", "demo")
 
     panels: list[tuple[str, Any]] = []
     if image is not None:
