@@ -39,17 +39,17 @@ def check_chunking(
 def _check_output(out: object, expected: int, chunk_shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
-            f"the backbone must return a tensor (or an HF output with last_hidden_state), got "
-            f"{type(out).__name__}; wrap it, e.g. lambda x: model(x).last_hidden_state"
+            "the backbone (model) must return a tensor (or an HF output with last_hidden_state), "
+            f"got {type(out).__name__}; wrap it, e.g. lambda x: model(x).last_hidden_state"
         )
     if out.dim() not in (3, 4):
         raise ValueError(
-            f"the backbone returned shape {tuple(out.shape)} for tiles {chunk_shape}: expected "
-            "[T, N, C] tokens or [T, C, h, w] maps"
+            f"the backbone (model) returned shape {tuple(out.shape)} for tiles {chunk_shape}: "
+            "expected [T, N, C] tokens or [T, C, h, w] maps"
         )
     if out.shape[0] != expected:
         raise ValueError(
-            f"the backbone returned {out.shape[0]} outputs for a chunk of {expected} tiles "
+            f"the backbone (model) returned {out.shape[0]} outputs for a chunk of {expected} tiles "
             f"(shape {tuple(out.shape)}): its first dim must be the batch"
         )
     return out
@@ -125,7 +125,7 @@ def _encode(
             out = result.new_empty((total, *result.shape[1:]))
         elif result.shape[1:] != out.shape[1:]:
             raise ValueError(
-                f"the backbone returned shape {tuple(result.shape)} for a later chunk, but "
+                f"the backbone (model) returned shape {tuple(result.shape)} for a later chunk, but "
                 f"{tuple(out.shape[1:])} per tile before"
             )
         out[start : start + n] = result
