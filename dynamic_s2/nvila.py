@@ -40,10 +40,10 @@ Examples:
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
@@ -52,9 +52,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import _checks
+from ._optional import require
+from .api import prepare
 from .merge import merge
 from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
-from .tiling import cut_grid, tile_images
+from .tiling import TileBatch, tile_pil
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -64,6 +67,7 @@ __all__ = [
     "DEFAULT_SCALES",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
+    "NvilaTiles",
     "merge_features",
     "num_tokens",
     "pack_tokens",
@@ -87,38 +91,19 @@ BlockSize: TypeAlias = tuple[int, int]
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_pil(obj: object) -> TypeGuard[PILImage.Image]:
     # A PIL image can only exist if PIL is already imported, so nothing is imported here.
     module = sys.modules.get("PIL.Image")
     return module is not None and isinstance(obj, module.Image)
 
 
-def _require_pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as err:  # pragma: no cover - Pillow is installed with the test extras
-        raise ImportError(
-            "dynamic_s2.nvila needs Pillow for PIL images: pip install pillow "
-            "(or pass a uint8 tensor / numpy array to use the torch path)"
-        ) from err
-    return Image
-
-
 def _check_stats(name: str, value: Any) -> tuple[float, float, float]:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 3:
+    out = _checks.stats(name, value)
+    if not isinstance(out, tuple) or len(out) != 3:
         raise TypeError(
             f"{name} must be a sequence of 3 numbers (one per RGB channel), got {value!r}"
         )
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name} must be a sequence of 3 numbers, got {value!r}")
-    out = (float(value[0]), float(value[1]), float(value[2]))
-    if name == "std" and any(v == 0.0 or not math.isfinite(v) for v in out):
-        raise ValueError(f"std must be finite and non-zero, got {value!r}")
-    return out
+    return (out[0], out[1], out[2])
 
 
 def _to_rgb_chw(image: object, name: str) -> torch.Tensor:
@@ -160,7 +145,7 @@ def _to_rgb_chw(image: object, name: str) -> torch.Tensor:
 
 
 def _nvila_plan(height: int, width: int, scales: Sequence[int], max_tiles: int) -> TilePlan:
-    if not _is_int(max_tiles):
+    if not _checks.is_int(max_tiles):
         raise TypeError(f"max_tiles must be an int (NVILA's max_num), got {max_tiles!r}")
     return plan_tiles(height, width, scales, max_tiles=max_tiles, policy="nvila")
 
@@ -179,19 +164,11 @@ def _preprocess_pil(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> tuple[torch.Tensor, TilePlan]:
-    _require_pil()
+    require("PIL.Image", "demo")
     if image.mode != "RGB":
         image = image.convert("RGB")  # NVILA converts every image this way
     plan = _nvila_plan(image.height, image.width, scales, max_tiles)
-    t = plan.tile_size
-    tiles = torch.empty((plan.num_tiles, 3, t, t), dtype=torch.float32)
-    start = 0
-    for sp in plan.scales:
-        canvas_h, canvas_w = sp.canvas_size
-        resized = image.resize((canvas_w, canvas_h))  # PIL's default filter: bicubic for RGB
-        canvas = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
-        tiles[start : start + sp.num_tiles].copy_(cut_grid(canvas[None], sp.grid)[0])
-        start += sp.num_tiles
+    tiles = tile_pil(image, plan).to(torch.float32)
     # In place, in NVILA's order: x / 255, then (x - mean) / std.
     return _normalize_(tiles.div_(255.0), mean, std), plan
 
@@ -202,14 +179,41 @@ def _tile_tensors(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """One :func:`tile_images` call for all tensor images, normalised as ``(x - mean) / std``."""
+    """One :func:`dynamic_s2.prepare` call for all tensor images, normalised as NVILA does."""
     if all(img.dtype == torch.uint8 for img in images):
         # uint8 resize: torch's integer kernel on the CPU, close to PIL's and several times faster
-        return tile_images(images, plans, mean=mean, std=std, uint8_resize=True).tiles
-    # Float images are in [0, 1]; tile_images uses float input as it is, so normalise afterwards
+        return prepare(images, plans=plans, mean=mean, std=std, uint8_resize=True).tiles
+    # Float images are in [0, 1]; prepare uses float input as it is, so normalise afterwards
     # (bicubic resampling is linear with weights summing to one, so the order does not matter).
     floats = [img.float().div(255.0) if img.dtype == torch.uint8 else img.float() for img in images]
-    return _normalize_(tile_images(floats, plans).tiles, mean, std)
+    return _normalize_(prepare(floats, plans=plans).tiles, mean, std)
+
+
+@dataclass(frozen=True)
+class NvilaTiles(TileBatch):
+    """NVILA tiles with the plan of every image: a :class:`~dynamic_s2.tiling.TileBatch`.
+
+    It unpacks as ``(tiles, block_sizes)`` (or ``(tiles, block_size)`` when :func:`preprocess`
+    made it for one image), as these functions returned before, and :func:`dynamic_s2.run` and
+    :func:`merge_features` take it as it is.
+
+    Examples:
+        >>> out = preprocess_batch([torch.zeros(3, 60, 100, dtype=torch.uint8)], (32, 64, 96))
+        >>> out.block_sizes, out.plans[0].grids
+        ([(3, 4)], ((1, 1), (2, 2), (3, 4)))
+        >>> tiles, blocks = out
+    """
+
+    single: bool = False
+
+    @property
+    def block_sizes(self) -> list[BlockSize]:
+        """``(rows, cols)`` of the last scale of every image (NVILA's ``block_size``)."""
+        return [plan.scales[-1].grid for plan in self.plans]
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.tiles
+        yield self.block_sizes[0] if self.single else self.block_sizes
 
 
 # ---------------------------------------------------------------------------------- preprocess
@@ -221,7 +225,7 @@ def preprocess(
     max_tiles: int = DEFAULT_MAX_TILES,
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
-) -> tuple[torch.Tensor, BlockSize]:
+) -> NvilaTiles:
     """NVILA's Dynamic-S2 preprocessing of one image.
 
     Every scale but the last is the whole image stretched to a ``k × k`` square of tiles
@@ -241,8 +245,9 @@ def preprocess(
         std: per-channel normalisation std (SigLIP's ``0.5`` by default).
 
     Returns:
-        ``(tiles, block_size)``: ``tiles`` is ``[1 + 4 + rows·cols, 3, t, t]`` float32 for the
-        default scales; ``block_size`` is ``(rows, cols)`` of the last scale.
+        :class:`NvilaTiles`, which unpacks as ``(tiles, block_size)``: ``tiles`` is
+        ``[1 + 4 + rows·cols, 3, t, t]`` float32 for the default scales; ``block_size`` is
+        ``(rows, cols)`` of the last scale; ``.plans`` holds the image's plan.
 
     PIL input goes through PIL's ``resize`` and is identical to NVILA's tiles. Tensor and numpy
     input takes the torch path (:func:`dynamic_s2.tiling.tile_images`: bicubic with antialiasing;
@@ -262,8 +267,8 @@ def preprocess(
         >>> float(tiles.min()), float(tiles.max())
         (-1.0, -1.0)
     """
-    tiles, blocks = preprocess_batch([image], scales, max_tiles, mean, std)
-    return tiles, blocks[0]
+    batch = preprocess_batch([image], scales, max_tiles, mean, std)
+    return NvilaTiles(batch.tiles, batch.plans, single=True)
 
 
 def preprocess_batch(
@@ -272,8 +277,8 @@ def preprocess_batch(
     max_tiles: int = DEFAULT_MAX_TILES,
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
-) -> tuple[torch.Tensor, list[BlockSize]]:
-    """:func:`preprocess` for a list of images: all tiles concatenated, plus every block size.
+) -> NvilaTiles:
+    """:func:`preprocess` for a list of images: all tiles concatenated, with every plan.
 
     This is what a DataLoader ``collate_fn`` returns: tiles in image order (each image's tiles as
     :func:`preprocess` gives them) and the ``(rows, cols)`` list that :func:`merge_features` needs.
@@ -288,7 +293,8 @@ def preprocess_batch(
         std: as in :func:`preprocess`.
 
     Returns:
-        ``(tiles [sum of tiles, 3, t, t] float32, [(rows, cols), ...])``.
+        :class:`NvilaTiles`, which unpacks as ``(tiles [sum of tiles, 3, t, t] float32,
+        [(rows, cols), ...])``; ``.plans`` holds every image's plan.
 
     Examples:
         >>> import numpy as np, torch
@@ -317,18 +323,17 @@ def preprocess_batch(
             tensor_ids.append(i)
             tensor_images.append(chw)
         plans.append(plan)
-    blocks = [plan.scales[-1].grid for plan in plans]
-
     device = torch.device("cpu")
     if tensor_ids:
         tensor_plans = [plans[i] for i in tensor_ids]
         tiles = _tile_tensors(tensor_images, tensor_plans, mean, std)
         if not parts:
-            return tiles, blocks
+            return NvilaTiles(tiles, tuple(plans))
         device = tiles.device
         chunks = tiles.split([plan.num_tiles for plan in tensor_plans])
         parts.update(zip(tensor_ids, chunks, strict=True))
-    return torch.cat([parts[i].to(device) for i in range(len(images))]), blocks
+    tiles = torch.cat([parts[i].to(device) for i in range(len(images))])
+    return NvilaTiles(tiles, tuple(plans))
 
 
 # --------------------------------------------------------------------------------------- merge
@@ -341,17 +346,31 @@ def _check_nvila_scales(scales: Any) -> tuple[int, ...]:
     return out
 
 
-def _check_block_size(name: str, value: Any) -> BlockSize:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"{name} must be a (rows, cols) pair of positive ints, got {value!r}")
-    if not all(_is_int(v) and v > 0 for v in value):
-        raise ValueError(f"{name} must be a (rows, cols) pair of positive ints, got {value!r}")
-    return (int(value[0]), int(value[1]))
+def _merge_plans(blocks: Any, scales: tuple[int, ...]) -> list[TilePlan]:
+    """The plans of :func:`merge_features`: given (a batch or plans) or rebuilt from blocks."""
+    if isinstance(blocks, TileBatch):
+        blocks = blocks.plans
+    if not _checks.is_sequence(blocks):
+        raise TypeError(f"block_sizes must be a sequence of (rows, cols), got {blocks!r}")
+    if len(blocks) == 0:
+        raise ValueError("block_sizes must not be empty")
+    if all(isinstance(b, TilePlan) for b in blocks):
+        for i, p in enumerate(blocks):
+            if tuple(sp.scale for sp in p.scales) != scales:
+                raise ValueError(
+                    f"block_sizes[{i}] is a plan for scales {tuple(sp.scale for sp in p.scales)}, "
+                    f"but scales={scales!r}"
+                )
+        return list(blocks)
+    return [
+        nvila_plan_for_block(_checks.int_pair(f"block_sizes[{b}]", bs), scales)
+        for b, bs in enumerate(blocks)
+    ]
 
 
 def merge_features(
     tile_features: torch.Tensor,
-    block_sizes: Sequence[BlockSize],
+    block_sizes: Sequence[BlockSize] | Sequence[TilePlan] | TileBatch,
     scales: Sequence[int] = DEFAULT_SCALES,
     output_scale: int = -1,
 ) -> list[torch.Tensor]:
@@ -367,7 +386,8 @@ def merge_features(
     Args:
         tile_features: ``[T, N, C]`` tokens with ``N`` a square number (no prefix/CLS token; SigLIP
             has none) or ``[T, C, h, h]`` maps, tiles in :func:`preprocess_batch` order.
-        block_sizes: one ``(rows, cols)`` per image, as :func:`preprocess_batch` returns them.
+        block_sizes: the plans of the images: the :class:`NvilaTiles` of :func:`preprocess_batch`
+            (or its ``.plans``), or one NVILA ``(rows, cols)`` block size per image.
         scales: the scales the tiles were made with.
         output_scale: index of the scale whose map size the output takes (NVILA: ``-1``).
 
@@ -404,24 +424,13 @@ def merge_features(
             f"{tuple(tile_features.shape)}"
         )
     sc = _check_nvila_scales(scales)
-    if isinstance(block_sizes, str | bytes) or not isinstance(block_sizes, Sequence):
-        raise TypeError(f"block_sizes must be a sequence of (rows, cols), got {block_sizes!r}")
-    if len(block_sizes) == 0:
-        raise ValueError("block_sizes must not be empty")
-    if not _is_int(output_scale):
-        raise TypeError(f"output_scale must be an int, got {output_scale!r}")
-    if not -len(sc) <= output_scale < len(sc):
-        raise ValueError(f"output_scale {output_scale} is out of range for {len(sc)} scales")
-    out_index = int(output_scale) % len(sc)
-
-    plans = [
-        nvila_plan_for_block(_check_block_size(f"block_sizes[{b}]", bs), sc)
-        for b, bs in enumerate(block_sizes)
-    ]
+    plans = _merge_plans(block_sizes, sc)
+    out_index = _checks.index("output_scale", output_scale, len(sc))
     expected = sum(p.num_tiles for p in plans)
     if expected != tile_features.shape[0]:
         raise ValueError(
-            f"block_sizes {list(block_sizes)!r} with scales {sc} need {expected} tiles, "
+            f"block_sizes {[p.scales[-1].grid for p in plans]!r} with scales {sc} need "
+            f"{expected} tiles, "
             f"tile_features has {tile_features.shape[0]}"
         )
     merged = merge(tile_features, plans, output_scale=out_index, num_prefix_tokens=0)
@@ -429,14 +438,6 @@ def merge_features(
 
 
 # ----------------------------------------------------------------------------------- packing
-
-
-def _check_factor(factor: Any) -> int:
-    if not _is_int(factor):
-        raise TypeError(f"factor must be a positive int, got {factor!r}")
-    if factor <= 0:
-        raise ValueError(f"factor must be a positive int, got {factor!r}")
-    return int(factor)
 
 
 def _check_map(name: str, feature_map: Any) -> torch.Tensor:
@@ -472,7 +473,7 @@ def pack_tokens(feature_map: torch.Tensor, factor: int = 2) -> torch.Tensor:
                 [10., 11.,  0.,  0.]])
     """
     fmap = _check_map("feature_map", feature_map)
-    f = _check_factor(factor)
+    f = _checks.positive_int("factor", factor)
     pad_h, pad_w = -fmap.shape[1] % f, -fmap.shape[2] % f
     if pad_h or pad_w:
         fmap = F.pad(fmap, (0, pad_w, 0, pad_h))
@@ -520,7 +521,7 @@ def pack_tokens_batch(
         )
     if len(feature_maps) == 0:
         raise ValueError("feature_maps must not be empty")
-    f = _check_factor(factor)
+    f = _checks.positive_int("factor", factor)
     maps = [_check_map(f"feature_maps[{b}]", m) for b, m in enumerate(feature_maps)]
     first = maps[0]
     c = first.shape[0]
@@ -582,11 +583,11 @@ def num_tokens(
         196
     """
     n = tokens_per_tile_side
-    if not _is_int(n) or n <= 0:
+    if not _checks.is_int(n) or n <= 0:
         raise ValueError(f"tokens_per_tile_side must be a positive int, got {n!r}")
-    f = _check_factor(factor)
+    f = _checks.positive_int("factor", factor)
     if isinstance(block_size, TilePlan):
         rows, cols = block_size.scales[block_size.scale_index(output_scale, "output_scale")].grid
     else:
-        rows, cols = _check_block_size("block_size", block_size)
+        rows, cols = _checks.int_pair("block_size", block_size)
     return -(-rows * n // f) * -(-cols * n // f)

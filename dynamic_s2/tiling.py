@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -19,7 +21,7 @@ from einops import rearrange
 from . import _checks
 from .plan import TilePlan
 
-__all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images"]
+__all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images", "tile_pil"]
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
@@ -355,3 +357,30 @@ def _tile(
             dst = (dst[:, None] + torch.arange(n, device=device)).reshape(-1)
             tiles.index_copy_(0, dst, values.reshape(-1, channels, t, t).to(out_dtype))
     return TileBatch(tiles, plan_list)
+
+
+def tile_pil(image: Any, plan: TilePlan) -> torch.Tensor:
+    """The PIL kernel: resize a PIL image to every scale of ``plan`` with PIL and cut it into tiles.
+
+    Each scale is resized with ``Image.resize`` to the scale's content size (PIL's default filter,
+    bicubic for RGB, as NVILA does), placed at the top-left of a zero canvas and cut row-major.
+    The image must be RGB. Output: ``[plan.num_tiles, 3, t, t]`` uint8 on the CPU; normalising is
+    the caller's.
+
+    Examples:
+        >>> from PIL import Image
+        >>> from dynamic_s2 import plan_tiles
+        >>> tile_pil(Image.new("RGB", (80, 60)), plan_tiles(60, 80, (32, 64))).shape
+        torch.Size([7, 3, 32, 32])
+    """
+    t = plan.tile_size
+    tiles = torch.zeros((plan.num_tiles, 3, t, t), dtype=torch.uint8)
+    start = 0
+    for sp in plan.scales:
+        content_h, content_w = sp.content_size
+        resized = np.asarray(image.resize((content_w, content_h)), dtype=np.uint8)
+        canvas = torch.zeros((1, 3, *sp.canvas_size), dtype=torch.uint8)
+        canvas[0, :, :content_h, :content_w] = torch.from_numpy(resized.copy()).permute(2, 0, 1)
+        tiles[start : start + sp.num_tiles] = cut_grid(canvas, sp.grid)[0]
+        start += sp.num_tiles
+    return tiles

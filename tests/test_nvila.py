@@ -251,13 +251,13 @@ def test_preprocess_batch_matches_per_image() -> None:
 
 def test_preprocess_batch_tiles_tensors_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = nvila.tile_images
+    real = nvila.prepare
 
-    def counting(images, plans, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(images, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(len(images))
-        return real(images, plans, **kwargs)
+        return real(images, **kwargs)
 
-    monkeypatch.setattr(nvila, "tile_images", counting)
+    monkeypatch.setattr(nvila, "prepare", counting)
     images = [torch.zeros(3, 50 + 10 * i, 80, dtype=torch.uint8) for i in range(5)]
     nvila.preprocess_batch(images, scales=SMALL)
     assert calls == [5]
