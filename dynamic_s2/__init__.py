@@ -10,6 +10,7 @@ The pipeline runs in one direction::
 
 from .api import DynamicS2, default_scales, forward
 from .backbones import Backbone, as_backbone, load_backbone
+from .budget import plan_batch
 from .encode import encode_tiles
 from .merge import MultiScaleFeatures, merge
 from .plan import ScalePlan, TilePlan, plan_tiles
@@ -32,6 +33,7 @@ __all__ = [
     "forward",
     "load_backbone",
     "merge",
+    "plan_batch",
     "plan_tiles",
     "resize",
     "tile_images",

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["area_price", "aspect_grids", "aspect_options"]
+__all__ = ["area_price", "aspect_dp", "aspect_grids", "aspect_table", "aspect_tables"]
 
 
 def area_price(excess: float, up: float, down: float) -> float:
@@ -19,31 +19,103 @@ def area_price(excess: float, up: float, down: float) -> float:
     return up * excess if excess > 0 else -down * excess
 
 
-def aspect_options(
-    h: int, w: int, cap: int, fit: str, limit: tuple[int, int] | None
-) -> dict[int, tuple[float, float, int, int]]:
-    """The best grid of every tile count ``n ≤ cap``: ``n -> (misfit, squareness, rows, cols)``."""
+Table = list[tuple[int, float, int, int]]
+
+
+@lru_cache(maxsize=256)
+def _grids_by_count(cap: int) -> tuple[tuple[tuple[int, int, float], ...], ...]:
+    """Entry ``n``: every grid of ``n`` tiles as ``(rows, cols, log cols - log rows)``, squarest
+    first, then fewer rows (the tie-break among equal misfits)."""
+    logs = [0.0, *(math.log(i) for i in range(1, cap + 1))]
+    out: list[list[tuple[int, int, float]]] = [[] for _ in range(cap + 1)]
+    for r in range(1, cap + 1):
+        for c in range(1, cap // r + 1):
+            out[r * c].append((r, c, logs[c] - logs[r]))
+    return tuple(tuple(sorted(g, key=lambda x: (abs(x[2]), x[0]))) for g in out)
+
+
+def aspect_table(h: int, w: int, cap: int, fit: str, limit: tuple[int, int] | None) -> Table:
+    """The best grid of every tile count ``n ≤ cap`` inside ``limit`` (rows, cols), by ``n``:
+    ``(n, misfit, rows, cols)``. Misfit: ``|log(grid aspect / image aspect)|`` (stretch) or the
+    padded fraction (pad); ties go to the squarer grid, then fewer rows."""
     max_rows, max_cols = limit if limit is not None else (cap, cap)
     log_aspect = math.log(w) - math.log(h)
-    logs = _logs(cap)
-    pad = fit == "pad"
-    best: dict[int, tuple[float, float, int, int]] = {}
-    for r in range(1, min(max_rows, cap) + 1):
-        log_r = logs[r]
-        for c in range(1, min(max_cols, cap // r) + 1):
-            d = logs[c] - log_r  # exactly antisymmetric under transposition, so plans are too
+    table: Table = []
+    for n, grids in enumerate(_grids_by_count(cap)):
+        best, best_r, best_c = math.inf, 0, 0
+        for r, c, d in grids:
+            # d is exactly antisymmetric under transposition, so the plans are symmetric too
             misfit = abs(d - log_aspect)
-            key = (-math.expm1(-misfit) if pad else misfit, abs(d), r, c)
-            n = r * c
-            old = best.get(n)
-            if old is None or key < old:
-                best[n] = key
-    return best
+            if misfit < best and r <= max_rows and c <= max_cols:
+                best, best_r, best_c = misfit, r, c
+        if best_r:
+            table.append((n, -math.expm1(-best) if fit == "pad" else best, best_r, best_c))
+    return table
 
 
-@lru_cache(maxsize=64)
-def _logs(n: int) -> tuple[float, ...]:
-    return (0.0, *(math.log(i) for i in range(1, n + 1)))
+def aspect_tables(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: Sequence[int],
+    fit: str,
+    limit: tuple[int, int] | None = None,
+) -> list[tuple[float, Table]]:
+    """Per scale: ``log k²`` and the :func:`aspect_table` under that scale's cap."""
+    return [
+        (2.0 * math.log(s / t), aspect_table(h, w, cap, fit, limit))
+        for s, cap in zip(sc, caps, strict=True)
+    ]
+
+
+def aspect_dp(
+    tables: Sequence[tuple[float, Table]], prices: tuple[float, float, float]
+) -> list[tuple[int, int]]:
+    """The dynamic programme of the ``"aspect"`` policy (see :func:`dynamic_s2.plan_tiles`).
+
+    A state is the tile count of the last planned scale with the cheapest ``(cost, tiles)`` that
+    reaches it. A count ``n`` follows a smaller count, or the same count when ``n`` is the most
+    the scale allows. ``tests/test_plan_budget.py`` checks the result against an enumeration of
+    every combination of grids.
+    """
+    up, down, tile_price = prices
+    counts, costs, tiles = [0], [0.0], [0]
+    history: list[tuple[list[int], list[int]]] = []  # per scale: its counts, their links back
+    for log_k2, table in tables:
+        top = table[-1][0]
+        n_prev = len(counts)
+        new_counts: list[int] = []
+        new_costs: list[float] = []
+        new_tiles: list[int] = []
+        links: list[int] = []
+        i, best, best_cost, best_tiles = 0, -1, math.inf, 0  # best state with a count < n
+        for n, misfit, _, _ in table:
+            while i < n_prev and counts[i] < n:
+                if costs[i] < best_cost or (costs[i] == best_cost and tiles[i] < best_tiles):
+                    best, best_cost, best_tiles = i, costs[i], tiles[i]
+                i += 1
+            j, j_cost, j_tiles = best, best_cost, best_tiles
+            same = n == top and i < n_prev and counts[i] == n  # a repeat: only at the top count
+            if same and (costs[i] < j_cost or (costs[i] == j_cost and tiles[i] < j_tiles)):
+                j, j_cost, j_tiles = i, costs[i], tiles[i]
+            if j < 0:
+                continue
+            excess = math.log(n) - log_k2
+            price = up * excess if excess > 0 else -down * excess
+            new_counts.append(n)
+            new_costs.append(j_cost + misfit + price + tile_price * n)
+            new_tiles.append(j_tiles + n)
+            links.append(j)
+        history.append((new_counts, links))
+        counts, costs, tiles = new_counts, new_costs, new_tiles
+    end = min(range(len(counts)), key=lambda k: (costs[k], tiles[k]))
+    grids: list[tuple[int, int]] = []
+    for (_, table), (scale_counts, links) in zip(reversed(tables), reversed(history), strict=True):
+        n = scale_counts[end]
+        grids.append(next((r, c) for m, _, r, c in table if m == n))
+        end = links[end]
+    return grids[::-1]
 
 
 def aspect_grids(
@@ -56,34 +128,5 @@ def aspect_grids(
     prices: tuple[float, float, float],
     limit: tuple[int, int] | None = None,
 ) -> list[tuple[int, int]]:
-    """The dynamic programme of the ``"aspect"`` policy (see :func:`dynamic_s2.plan_tiles`).
-
-    A state is the tile count of the last planned scale, holding the cheapest ``(cost, tiles,
-    grids)`` that reaches it. A scale's count ``n`` follows a smaller count, or the same count
-    when ``n`` is the most the scale allows. ``tests/test_plan_budget.py`` checks the result
-    against an enumeration of every combination of grids.
-    """
-    up, down, tile_price = prices
-    states: list[tuple[int, float, int, tuple[tuple[int, int], ...]]] = [(0, 0.0, 0, ())]
-    for s, cap in zip(sc, caps, strict=True):
-        log_k2 = 2.0 * math.log(s / t)
-        options = aspect_options(h, w, cap, fit, limit)
-        top = max(options)
-        nxt: list[tuple[int, float, int, tuple[tuple[int, int], ...]]] = []
-        i, below = 0, None  # below: the cheapest state with a count < n
-        for n in sorted(options):
-            while i < len(states) and states[i][0] < n:
-                if below is None or states[i][1:3] < below[1:3]:
-                    below = states[i]
-                i += 1
-            pred = below
-            same = i < len(states) and states[i][0] == n  # allowed only at the scale's top count
-            if same and n == top and (pred is None or states[i][1:3] < pred[1:3]):
-                pred = states[i]
-            if pred is None:
-                continue
-            misfit, _, r, c = options[n]
-            cost = pred[1] + misfit + area_price(math.log(n) - log_k2, up, down) + tile_price * n
-            nxt.append((n, cost, pred[2] + n, (*pred[3], (r, c))))
-        states = nxt
-    return list(min(states, key=lambda st: st[1:3])[3])
+    """The ``"aspect"`` plan's grids: :func:`aspect_dp` over :func:`aspect_tables`."""
+    return aspect_dp(aspect_tables(h, w, sc, t, caps, fit, limit), prices)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from ._aspect import area_price, aspect_grids
+from ._aspect import area_price, aspect_dp, aspect_grids, aspect_tables
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
@@ -496,10 +496,7 @@ def _plan_uncached(
     else:
         grids = aspect_grids(h, w, sc, t, _scale_caps(sc, t, caps), fit, _prices(price))
     if upscale is not None:
-        limit = (
-            max(1, math.floor(upscale * h / t)),
-            max(1, math.floor(upscale * w / t)),
-        )
+        limit = _upscale_limit(h, w, t, upscale)
         if any(r > limit[0] or c > limit[1] for r, c in grids):
             bound = [r * c for r, c in grids]
             if policy == "nvila":
@@ -508,6 +505,18 @@ def _plan_uncached(
                 scale_caps = _scale_caps(sc, t, caps)
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
                 grids = aspect_grids(h, w, sc, t, capped, fit, _prices(price), limit)
+    return _make_plan(h, w, sc, t, grids, policy, fit)
+
+
+def _make_plan(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    grids: Sequence[tuple[int, int]],
+    policy: str,
+    fit: str,
+) -> TilePlan:
     return TilePlan(
         (h, w),
         t,
@@ -518,6 +527,28 @@ def _plan_uncached(
         policy,
         fit,
     )
+
+
+def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
+    """The most ``(rows, cols)`` that keep every scale within ``upscale`` × the image's size."""
+    return (max(1, math.floor(upscale * h / t)), max(1, math.floor(upscale * w / t)))
+
+
+def _price_ladder(
+    plan: TilePlan, max_upscale: float | None, tile_prices: Sequence[float]
+) -> list[TilePlan]:
+    """``policy="aspect"`` plans of ``plan``'s image at other tile prices, each with at most
+    ``plan``'s tiles at every scale (and inside ``max_upscale``'s limit): the rungs of
+    :func:`dynamic_s2.plan_batch`'s ladders. The area prices are the module's."""
+    (h, w), t = plan.image_size, plan.tile_size
+    sc = tuple(sp.scale for sp in plan.scales)
+    limit = None if max_upscale is None else _upscale_limit(h, w, t, max_upscale)
+    caps = [sp.num_tiles for sp in plan.scales]
+    tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
+    return [
+        _make_plan(h, w, sc, t, aspect_dp(tables, _prices(p)), "aspect", plan.fit)
+        for p in tile_prices
+    ]
 
 
 _plan_cached = lru_cache(maxsize=65536)(_plan_uncached)
