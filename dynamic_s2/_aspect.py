@@ -61,16 +61,70 @@ def aspect_tables(
     caps: Sequence[int],
     fit: str,
     limit: tuple[int, int] | None = None,
-) -> list[tuple[float, Table]]:
-    """Per scale: ``log k²`` and the :func:`aspect_table` under that scale's cap."""
-    return [
-        (2.0 * math.log(s / t), aspect_table(h, w, cap, fit, limit))
-        for s, cap in zip(sc, caps, strict=True)
-    ]
+    tops: Sequence[int] | None = None,
+) -> list[tuple[float, Table, int]]:
+    """Per scale: ``log k²``, the :func:`aspect_table` under that scale's cap, and the most tiles
+    the scale allows (``tops``, when the caps were cut below it; else the table's last count)."""
+    out = []
+    for i, (s, cap) in enumerate(zip(sc, caps, strict=True)):
+        table = aspect_table(h, w, cap, fit, limit)
+        out.append((2.0 * math.log(s / t), table, table[-1][0] if tops is None else tops[i]))
+    return out
+
+
+#: Caps above this many tiles are cut to the counts that can still be optimal (see
+#: :func:`_cut_caps`); below it the search is exhaustive anyway.
+CUT_ABOVE = 1024
+
+
+def _cut_caps(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: Sequence[int],
+    fit: str,
+    prices: tuple[float, float, float],
+    limit: tuple[int, int] | None,
+) -> tuple[list[int], list[int]] | None:
+    """Caps that no optimal plan exceeds, and the scales' true tops, or None (no cut found).
+
+    A feasible plan (``1, 2, 3, …`` tiles in one row or column) costs ``bound``; every term of
+    the cost is >= 0, so a count whose area and tile prices alone exceed ``bound`` never wins.
+    """
+    up, down, tile_price = prices
+    max_rows, max_cols = limit if limit is not None else (caps[-1], caps[-1])
+    log_aspect = math.log(w) - math.log(h)
+    bound = 0.0
+    for i, (s, cap) in enumerate(zip(sc, caps, strict=True)):
+        n = min(i + 1, cap)
+        if n > max(max_rows, max_cols):
+            return None
+        d = math.log(n) if n <= max_cols else -math.log(n)
+        misfit = abs(d - log_aspect)
+        log_k2 = 2.0 * math.log(s / t)
+        excess = math.log(n) - log_k2
+        bound += (-math.expm1(-misfit) if fit == "pad" else misfit) + tile_price * n
+        bound += up * excess if excess > 0 else -down * excess
+    if tile_price <= 0 and up <= 0:
+        return None
+    cut, tops = [], []
+    for s, cap in zip(sc, caps, strict=True):
+        most = cap
+        if tile_price > 0:
+            most = min(most, math.floor(bound / tile_price) + 1)
+        if up > 0:
+            most = min(most, math.ceil((s / t) ** 2 * math.exp(bound / up)) + 1)
+        cut.append(max(most, min(len(sc), cap)))
+        if limit is None:
+            tops.append(cap)  # 1 × cap
+        else:
+            tops.append(max(r * min(max_cols, cap // r) for r in range(1, min(max_rows, cap) + 1)))
+    return cut, tops
 
 
 def aspect_dp(
-    tables: Sequence[tuple[float, Table]], prices: tuple[float, float, float]
+    tables: Sequence[tuple[float, Table, int]], prices: tuple[float, float, float]
 ) -> list[tuple[int, int]]:
     """The dynamic programme of the ``"aspect"`` policy (see :func:`dynamic_s2.plan_tiles`).
 
@@ -82,8 +136,7 @@ def aspect_dp(
     up, down, tile_price = prices
     counts, costs, tiles = [0], [0.0], [0]
     history: list[tuple[list[int], list[int]]] = []  # per scale: its counts, their links back
-    for log_k2, table in tables:
-        top = table[-1][0]
+    for log_k2, table, top in tables:
         n_prev = len(counts)
         new_counts: list[int] = []
         new_costs: list[float] = []
@@ -111,7 +164,9 @@ def aspect_dp(
         counts, costs, tiles = new_counts, new_costs, new_tiles
     end = min(range(len(counts)), key=lambda k: (costs[k], tiles[k]))
     grids: list[tuple[int, int]] = []
-    for (_, table), (scale_counts, links) in zip(reversed(tables), reversed(history), strict=True):
+    for (_, table, _), (scale_counts, links) in zip(
+        reversed(tables), reversed(history), strict=True
+    ):
         n = scale_counts[end]
         grids.append(next((r, c) for m, _, r, c in table if m == n))
         end = links[end]
@@ -129,4 +184,10 @@ def aspect_grids(
     limit: tuple[int, int] | None = None,
 ) -> list[tuple[int, int]]:
     """The ``"aspect"`` plan's grids: :func:`aspect_dp` over :func:`aspect_tables`."""
+    if limit is not None:
+        caps = [min(cap, limit[0] * limit[1]) for cap in caps]
+    if max(caps) > CUT_ABOVE:
+        cut = _cut_caps(h, w, sc, t, caps, fit, prices, limit)
+        if cut is not None:
+            return aspect_dp(aspect_tables(h, w, sc, t, cut[0], fit, limit, cut[1]), prices)
     return aspect_dp(aspect_tables(h, w, sc, t, caps, fit, limit), prices)

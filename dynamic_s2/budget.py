@@ -74,9 +74,9 @@ def plan_batch(
     Examples:
         >>> sizes = [(1080, 1920), (3000, 1000), (64, 64)]
         >>> [p.num_tiles for p in plan_batch(sizes, (448, 896, 1344), tile_budget=1000)]
-        [16, 20, 14]
+        [16, 19, 14]
         >>> [p.num_tiles for p in plan_batch(sizes, (448, 896, 1344), tile_budget=30)]
-        [13, 11, 6]
+        [5, 9, 14]
         >>> plan_batch(sizes, (448, 896, 1344), tile_budget=8)
         Traceback (most recent call last):
             ...
@@ -158,7 +158,7 @@ def _ladder(
         ]
     else:
         prices = [_plan.ASPECT_TILE_PRICE * f for f in LADDER_PRICE_FACTORS[1:]]
-        plans = [top, *_plan._price_ladder(top, opts.get("max_upscale"), prices)]
+        plans = [top, *_plan._price_ladder(top, prices)]
         counts = [sp.num_tiles for sp in plans[-1].scales]
         plans += [  # below the cheapest plan with distinct counts: caps that repeat counts
             plan_tiles(h, w, sc, max_tiles=tuple(min(m, c) for c in counts), **rest)

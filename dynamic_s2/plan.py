@@ -162,6 +162,7 @@ class TilePlan:
         scales: one :class:`ScalePlan` per scale, in ascending order.
         policy: the policy that chose the grids.
         fit: ``"stretch"`` or ``"pad"``.
+        max_upscale: the ``max_upscale`` the plan was made under (``None``: no limit).
 
     Examples:
         >>> import json
@@ -177,6 +178,7 @@ class TilePlan:
     scales: tuple[ScalePlan, ...]
     policy: str = "aspect"
     fit: str = "stretch"
+    max_upscale: float | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -222,10 +224,15 @@ class TilePlan:
             tuple(sp.transpose() for sp in self.scales),
             self.policy,
             self.fit,
+            self.max_upscale,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan."""
+        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan.
+
+        ``max_upscale`` is written only when the plan has one.
+        """
+        limit = {} if self.max_upscale is None else {"max_upscale": self.max_upscale}
         return {
             "image_size": list(self.image_size),
             "tile_size": self.tile_size,
@@ -239,6 +246,7 @@ class TilePlan:
                 }
                 for sp in self.scales
             ],
+            **limit,
         }
 
     @classmethod
@@ -296,7 +304,8 @@ class TilePlan:
             raise ValueError(
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
-        return cls(image_size, tile, tuple(scales), policy, fit)
+        upscale = _check_max_upscale(data.get("max_upscale"))
+        return cls(image_size, tile, tuple(scales), policy, fit, upscale)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -505,7 +514,7 @@ def _plan_uncached(
                 scale_caps = _scale_caps(sc, t, caps)
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
                 grids = aspect_grids(h, w, sc, t, capped, fit, _prices(price), limit)
-    return _make_plan(h, w, sc, t, grids, policy, fit)
+    return _make_plan(h, w, sc, t, grids, policy, fit, upscale)
 
 
 def _make_plan(
@@ -516,6 +525,7 @@ def _make_plan(
     grids: Sequence[tuple[int, int]],
     policy: str,
     fit: str,
+    upscale: float | None,
 ) -> TilePlan:
     return TilePlan(
         (h, w),
@@ -526,6 +536,7 @@ def _make_plan(
         ),
         policy,
         fit,
+        upscale,
     )
 
 
@@ -534,19 +545,18 @@ def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
     return (max(1, math.floor(upscale * h / t)), max(1, math.floor(upscale * w / t)))
 
 
-def _price_ladder(
-    plan: TilePlan, max_upscale: float | None, tile_prices: Sequence[float]
-) -> list[TilePlan]:
+def _price_ladder(plan: TilePlan, tile_prices: Sequence[float]) -> list[TilePlan]:
     """``policy="aspect"`` plans of ``plan``'s image at other tile prices, each with at most
-    ``plan``'s tiles at every scale (and inside ``max_upscale``'s limit): the rungs of
+    ``plan``'s tiles at every scale (and inside its ``max_upscale`` limit): the rungs of
     :func:`dynamic_s2.plan_batch`'s ladders. The area prices are the module's."""
     (h, w), t = plan.image_size, plan.tile_size
     sc = tuple(sp.scale for sp in plan.scales)
+    max_upscale = plan.max_upscale
     limit = None if max_upscale is None else _upscale_limit(h, w, t, max_upscale)
     caps = [sp.num_tiles for sp in plan.scales]
     tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
     return [
-        _make_plan(h, w, sc, t, aspect_dp(tables, _prices(p)), "aspect", plan.fit)
+        _make_plan(h, w, sc, t, aspect_dp(tables, _prices(p)), "aspect", plan.fit, max_upscale)
         for p in tile_prices
     ]
 
