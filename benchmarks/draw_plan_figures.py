@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dynamic_s2 import plan_batch  # noqa: E402
-from dynamic_s2.plan import TilePlan, plan_cost, plan_tiles  # noqa: E402
+from dynamic_s2.budget import plan_cost  # noqa: E402
+from dynamic_s2.plan import TilePlan, plan_tiles  # noqa: E402
 
 SCALES = (448, 896, 1344)
 OUT = ROOT / "docs" / "img"

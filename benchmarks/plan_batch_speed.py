@@ -12,7 +12,7 @@ of interleaved loops (see ``benchmarks/plan_speed.py``):
 - **cold**: ``plan_batch`` after clearing every planning cache (all 256 sizes new), against
   ``plan_tiles`` with a cleared cache.
 
-Quality, at each budget: tiles used, and the batch's total cost (``dynamic_s2.plan.plan_cost``,
+Quality, at each budget: tiles used, and the batch's total cost (``dynamic_s2.budget.plan_cost``,
 the planner's misfit plus area price) against the simplest alternative, one ``max_tiles`` for the
 whole batch (the largest that fits the budget).
 
@@ -20,7 +20,7 @@ Run from the repository root::
 
     python benchmarks/plan_batch_speed.py [--rounds 15]
 
-Writes ``benchmarks/results/plan_batch.json`` and ``benchmarks/results/plan_batch.md``.
+Writes ``benchmarks/results/plan_batch_speed.json`` and ``benchmarks/results/plan_batch_speed.md``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         med = {k: statistics.median(v) for k, v in times.items()}
         plans = plan_batch(sizes, SCALES, tile_budget=budget)
         uniform = uniform_cap(sizes, budget)
-        cost = sum(plan_module.plan_cost(p) for p in plans)
+        cost = sum(budget_module.plan_cost(p) for p in plans)
         rows.append(
             {
                 "budget_fraction": fraction,
@@ -121,14 +121,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "tiles_used": sum(p.num_tiles for p in plans),
                 "cost": cost,
                 "uniform_max_tiles_tiles": sum(p.num_tiles for p in uniform),
-                "uniform_max_tiles_cost": sum(plan_module.plan_cost(p) for p in uniform),
-                "free_cost": sum(plan_module.plan_cost(p) for p in free),
+                "uniform_max_tiles_cost": sum(budget_module.plan_cost(p) for p in uniform),
+                "free_cost": sum(budget_module.plan_cost(p) for p in free),
             }
         )
     result = {"machine": machine(), "images": BATCH, "free_tiles": total, "rows": rows}
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan_batch.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "plan_batch_speed.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"{BATCH} images, scales 448/896/1344, {total} tiles unconstrained; CPU ms, median of "
         f"{args.rounds} rounds; {result['machine'].get('cpu', '')}.",
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"({r['uniform_max_tiles_tiles']}) |"
         )
     text = "\n".join(lines)
-    (out / "plan_batch.md").write_text(text + "\n")
+    (out / "plan_batch_speed.md").write_text(text + "\n")
     print(text)
     return result
 

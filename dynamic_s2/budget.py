@@ -11,7 +11,7 @@ How it chooses:
   makes down to one tile per scale: the ``"aspect"`` policy's plans at rising tile prices
   (:data:`~dynamic_s2.plan.ASPECT_TILE_PRICE` times 1, √2, 2, … 512), then plans with tighter
   per-scale ``max_tiles``; ``policy="nvila"`` walks ``max_tiles`` down to NVILA's minimum. The
-  ladder keeps the lower convex hull of (tiles, :func:`~dynamic_s2.plan.plan_cost`), so every step
+  ladder keeps the lower convex hull of (tiles, :func:`plan_cost`), so every step
   up buys less misfit per tile than the one before;
 * all images start at the bottom of their ladder; the step with the largest fall in cost per tile,
   over the whole batch, is taken next (images of one size step together, ties go to the smaller
@@ -24,15 +24,17 @@ more: no image ever gets fewer tiles. A budget that is not reached returns the p
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 from . import plan as _plan
-from .plan import TilePlan, check_scales, plan_cost, plan_tiles
+from ._aspect import area_price, aspect_dp, aspect_tables
+from .plan import TilePlan, check_scales, grid_aspect_error, plan_tiles
 
-__all__ = ["plan_batch"]
+__all__ = ["plan_batch", "plan_cost"]
 
 #: Tile prices of the ladder, as multiples of the default price: 1, √2, 2, … 512.
 LADDER_PRICE_FACTORS: tuple[float, ...] = tuple(2.0 ** (j / 2) for j in range(19))
@@ -88,10 +90,11 @@ def plan_batch(
     for key in plan_options:
         if key not in _OPTIONS:
             raise TypeError(f"plan_batch got an unknown option {key!r}; it takes {_OPTIONS}")
-    options = tuple(
+    options: tuple[tuple[str, Any], ...] = tuple(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(plan_options.items())
     )
-    top = {hw: plan_tiles(hw[0], hw[1], sc, **dict(options)) for hw in set(pairs)}
+    opts: dict[str, Any] = dict(options)
+    top = {hw: plan_tiles(hw[0], hw[1], sc, **opts) for hw in set(pairs)}
     if sum(top[hw].num_tiles for hw in pairs) <= budget:
         return [top[hw] for hw in pairs]
     floor = len(pairs) * len(sc)
@@ -158,7 +161,7 @@ def _ladder(
         ]
     else:
         prices = [_plan.ASPECT_TILE_PRICE * f for f in LADDER_PRICE_FACTORS[1:]]
-        plans = [top, *_plan._price_ladder(top, prices)]
+        plans = [top, *price_ladder(top, prices)]
         counts = [sp.num_tiles for sp in plans[-1].scales]
         plans += [  # below the cheapest plan with distinct counts: caps that repeat counts
             plan_tiles(h, w, sc, max_tiles=tuple(min(m, c) for c in counts), **rest)
@@ -186,6 +189,46 @@ def _lower_hull(
                 break
         hull.append(point)
     return tuple(reversed(hull))
+
+
+def plan_cost(plan: TilePlan) -> float:
+    """The ``"aspect"`` policy's cost of a plan without the tile price: misfit plus area price.
+
+    Summed over the scales; :func:`dynamic_s2.plan_batch` keeps its total over a batch low.
+
+    Examples:
+        >>> round(plan_cost(plan_tiles(448, 448, (448, 896))), 6)
+        0.0
+        >>> plan_cost(plan_tiles(1080, 1920, (448,))) > 0
+        True
+    """
+    h, w = plan.image_size
+    total = 0.0
+    for sp in plan.scales:
+        misfit = grid_aspect_error(h, w, sp.grid)
+        if plan.fit == "pad":
+            misfit = -math.expm1(-misfit)
+        excess = math.log(sp.num_tiles) - 2.0 * math.log(sp.scale / plan.tile_size)
+        total += misfit + area_price(excess, *_plan._prices(0.0)[:2])
+    return total
+
+
+def price_ladder(plan: TilePlan, tile_prices: Sequence[float]) -> list[TilePlan]:
+    """``policy="aspect"`` plans of ``plan``'s image at other tile prices, each with at most
+    ``plan``'s tiles at every scale (and inside its ``max_upscale`` limit): the rungs of
+    :func:`dynamic_s2.plan_batch`'s ladders. The area prices are the module's."""
+    (h, w), t = plan.image_size, plan.tile_size
+    sc = tuple(sp.scale for sp in plan.scales)
+    max_upscale = plan.max_upscale
+    limit = None if max_upscale is None else _plan._upscale_limit(h, w, t, max_upscale)
+    caps = [sp.num_tiles for sp in plan.scales]
+    tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
+    return [
+        _plan._make_plan(
+            h, w, sc, t, aspect_dp(tables, _plan._prices(p)), "aspect", plan.fit, max_upscale
+        )
+        for p in tile_prices
+    ]
 
 
 def _check_budget(tile_budget: Any) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from ._aspect import area_price, aspect_dp, aspect_grids, aspect_tables
+from ._aspect import aspect_grids
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
@@ -41,7 +41,6 @@ __all__ = [
     "TilePlan",
     "grid_aspect_error",
     "nvila_plan_for_block",
-    "plan_cost",
     "plan_tiles",
 ]
 
@@ -545,22 +544,6 @@ def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
     return (max(1, math.floor(upscale * h / t)), max(1, math.floor(upscale * w / t)))
 
 
-def _price_ladder(plan: TilePlan, tile_prices: Sequence[float]) -> list[TilePlan]:
-    """``policy="aspect"`` plans of ``plan``'s image at other tile prices, each with at most
-    ``plan``'s tiles at every scale (and inside its ``max_upscale`` limit): the rungs of
-    :func:`dynamic_s2.plan_batch`'s ladders. The area prices are the module's."""
-    (h, w), t = plan.image_size, plan.tile_size
-    sc = tuple(sp.scale for sp in plan.scales)
-    max_upscale = plan.max_upscale
-    limit = None if max_upscale is None else _upscale_limit(h, w, t, max_upscale)
-    caps = [sp.num_tiles for sp in plan.scales]
-    tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
-    return [
-        _make_plan(h, w, sc, t, aspect_dp(tables, _prices(p)), "aspect", plan.fit, max_upscale)
-        for p in tile_prices
-    ]
-
-
 _plan_cached = lru_cache(maxsize=65536)(_plan_uncached)
 
 
@@ -592,28 +575,6 @@ def _scale_caps(sc: tuple[int, ...], t: int, caps: tuple[int, ...] | int | None)
     if isinstance(caps, int):
         return [max(1, math.floor(caps * (s / sc[-1]) ** 2)) for s in sc]
     return list(caps)
-
-
-def plan_cost(plan: TilePlan) -> float:
-    """The ``"aspect"`` policy's cost of a plan without the tile price: misfit plus area price.
-
-    Summed over the scales; :func:`dynamic_s2.plan_batch` keeps its total over a batch low.
-
-    Examples:
-        >>> round(plan_cost(plan_tiles(448, 448, (448, 896))), 6)
-        0.0
-        >>> plan_cost(plan_tiles(1080, 1920, (448,))) > 0
-        True
-    """
-    h, w = plan.image_size
-    total = 0.0
-    for sp in plan.scales:
-        misfit = grid_aspect_error(h, w, sp.grid)
-        if plan.fit == "pad":
-            misfit = -math.expm1(-misfit)
-        excess = math.log(sp.num_tiles) - 2.0 * math.log(sp.scale / plan.tile_size)
-        total += misfit + area_price(excess, *_prices(0.0)[:2])
-    return total
 
 
 def _prices(tile_price: float) -> tuple[float, float, float]:
@@ -731,7 +692,7 @@ def _nvila_limited(
     lower = [(min(r, max_rows), min(c, max_cols)) for r, c in _nvila_lower_grids(sc)]
     base = sc[0]
     min_num = (sc[-1] // base) ** 2
-    max_num = 12 if caps is None else int(caps)  # _nvila_grids has validated caps
+    max_num = caps if isinstance(caps, int) else 12  # _nvila_grids has rejected per-scale caps
     inside = [
         (i, j)
         for i, j in _nvila_candidates(min_num, max_num)
