@@ -137,6 +137,11 @@ def figure(
         draw_row(ax, image, plan, title, max(canvas_h) - 460 if side_by_side else None)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if not side_by_side else 0.95))
+    save(fig, path)
+
+
+def save(fig: plt.Figure, path: Path) -> None:
+    """Save and close ``fig``, then requantise the PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -180,13 +185,7 @@ def batch_figure(images: Sequence[tuple[str, Image.Image]], path: Path, width: f
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    with Image.open(path) as drawn:
-        small = drawn.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
-    print(f"wrote {path.relative_to(ROOT)}")
+    save(fig, path)
 
 
 def receipt(width: int = 560, height: int = 2000) -> Image.Image:

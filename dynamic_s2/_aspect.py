@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["area_price", "aspect_dp", "aspect_grids", "aspect_table", "aspect_tables"]
+__all__ = ["area_price", "aspect_dp", "aspect_table", "aspect_tables"]
 
 
 def area_price(excess: float, up: float, down: float) -> float:
@@ -61,10 +61,19 @@ def aspect_tables(
     caps: Sequence[int],
     fit: str,
     limit: tuple[int, int] | None = None,
-    tops: Sequence[int] | None = None,
+    prices: tuple[float, float, float] | None = None,
 ) -> list[tuple[float, Table, int]]:
     """Per scale: ``log k²``, the :func:`aspect_table` under that scale's cap, and the most tiles
-    the scale allows (``tops``, when the caps were cut below it; else the table's last count)."""
+    the scale allows. With ``prices``, caps above :data:`CUT_ABOVE` are first cut to the counts
+    that can still be optimal at those prices."""
+    if limit is not None:
+        caps = [min(cap, limit[0] * limit[1]) for cap in caps]
+    tops: Sequence[int] | None = None
+    if prices is not None and max(caps) > CUT_ABOVE:
+        targets = [(s / t) ** 2 for s in sc]
+        cut = _cut_caps(math.log(w) - math.log(h), targets, caps, fit == "pad", prices, limit)
+        if cut is not None:
+            caps, tops = cut
     out = []
     for i, (s, cap) in enumerate(zip(sc, caps, strict=True)):
         table = aspect_table(h, w, cap, fit, limit)
@@ -78,12 +87,10 @@ CUT_ABOVE = 1024
 
 
 def _cut_caps(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
+    log_aspect: float,
+    targets: Sequence[float],
     caps: Sequence[int],
-    fit: str,
+    pad: bool,
     prices: tuple[float, float, float],
     limit: tuple[int, int] | None,
 ) -> tuple[list[int], list[int]] | None:
@@ -91,31 +98,30 @@ def _cut_caps(
 
     A feasible plan (``1, 2, 3, …`` tiles in one row or column) costs ``bound``; every term of
     the cost is >= 0, so a count whose area and tile prices alone exceed ``bound`` never wins.
+    ``targets`` are the scales' ``k²``.
     """
     up, down, tile_price = prices
     max_rows, max_cols = limit if limit is not None else (caps[-1], caps[-1])
-    log_aspect = math.log(w) - math.log(h)
     bound = 0.0
-    for i, (s, cap) in enumerate(zip(sc, caps, strict=True)):
+    for i, (k2, cap) in enumerate(zip(targets, caps, strict=True)):
         n = min(i + 1, cap)
         if n > max(max_rows, max_cols):
             return None
         d = math.log(n) if n <= max_cols else -math.log(n)
         misfit = abs(d - log_aspect)
-        log_k2 = 2.0 * math.log(s / t)
-        excess = math.log(n) - log_k2
-        bound += (-math.expm1(-misfit) if fit == "pad" else misfit) + tile_price * n
+        excess = math.log(n) - math.log(k2)
+        bound += (-math.expm1(-misfit) if pad else misfit) + tile_price * n
         bound += up * excess if excess > 0 else -down * excess
     if tile_price <= 0 and up <= 0:
         return None
     cut, tops = [], []
-    for s, cap in zip(sc, caps, strict=True):
+    for k2, cap in zip(targets, caps, strict=True):
         most = cap
         if tile_price > 0:
             most = min(most, math.floor(bound / tile_price) + 1)
         if up > 0:
-            most = min(most, math.ceil((s / t) ** 2 * math.exp(bound / up)) + 1)
-        cut.append(max(most, min(len(sc), cap)))
+            most = min(most, math.ceil(k2 * math.exp(bound / up)) + 1)
+        cut.append(max(most, min(len(caps), cap)))
         if limit is None:
             tops.append(cap)  # 1 × cap
         else:
@@ -171,23 +177,3 @@ def aspect_dp(
         grids.append(next((r, c) for m, _, r, c in table if m == n))
         end = links[end]
     return grids[::-1]
-
-
-def aspect_grids(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
-    caps: Sequence[int],
-    fit: str,
-    prices: tuple[float, float, float],
-    limit: tuple[int, int] | None = None,
-) -> list[tuple[int, int]]:
-    """The ``"aspect"`` plan's grids: :func:`aspect_dp` over :func:`aspect_tables`."""
-    if limit is not None:
-        caps = [min(cap, limit[0] * limit[1]) for cap in caps]
-    if max(caps) > CUT_ABOVE:
-        cut = _cut_caps(h, w, sc, t, caps, fit, prices, limit)
-        if cut is not None:
-            return aspect_dp(aspect_tables(h, w, sc, t, cut[0], fit, limit, cut[1]), prices)
-    return aspect_dp(aspect_tables(h, w, sc, t, caps, fit, limit), prices)

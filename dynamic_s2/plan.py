@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from ._aspect import aspect_grids
+from ._aspect import aspect_dp, aspect_tables
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
@@ -502,7 +502,9 @@ def _plan_uncached(
     if policy == "nvila":
         grids = _nvila_grids(h, w, sc, t, caps)
     else:
-        grids = aspect_grids(h, w, sc, t, _scale_caps(sc, t, caps), fit, _prices(price))
+        prices = _prices(price)
+        tables = aspect_tables(h, w, sc, t, _scale_caps(sc, t, caps), fit, None, prices)
+        grids = aspect_dp(tables, prices)
     if upscale is not None:
         limit = _upscale_limit(h, w, t, upscale)
         if any(r > limit[0] or c > limit[1] for r, c in grids):
@@ -512,7 +514,8 @@ def _plan_uncached(
             else:
                 scale_caps = _scale_caps(sc, t, caps)
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
-                grids = aspect_grids(h, w, sc, t, capped, fit, _prices(price), limit)
+                prices = _prices(price)
+                grids = aspect_dp(aspect_tables(h, w, sc, t, capped, fit, limit, prices), prices)
     return _make_plan(h, w, sc, t, grids, policy, fit, upscale)
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from test_plan import _examples  # the example counts of the planner's other tests
+from test_plan import reference_cost as area_cost
 
 import dynamic_s2
 import dynamic_s2.budget as budget_module
@@ -32,15 +33,9 @@ from dynamic_s2 import TilePlan, plan_batch, plan_tiles
 SCALES = (448, 896, 1344)
 
 
-def _examples(n: int) -> int:
-    """``n`` examples locally; at most the CI profile's count on CI."""
-    if os.environ.get("CI"):
-        return min(n, settings.default.max_examples)
-    return n
-
-
 @pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
+def _fresh_ladders() -> None:
+    """Every test starts from empty plan and ladder caches."""
     plan_module._plan_cached.cache_clear()
     budget_module._ladder.cache_clear()
 
@@ -53,16 +48,8 @@ upscales = st.one_of(
 
 
 def reference_cost(h: int, w: int, grid: tuple[int, int], k2: float, fit: str) -> float:
-    """Misfit + area price + tile price of one grid, from ``plan_tiles``'s docstring."""
-    rows, cols = grid
-    q = (cols * h) / (rows * w)
-    misfit = abs(math.log(q)) if fit == "stretch" else 1.0 - min(q, 1.0 / q)
-    n = rows * cols
-    if n > k2:
-        area = plan_module.ASPECT_AREA_PRICE_UP * math.log(n / k2)
-    else:
-        area = plan_module.ASPECT_AREA_PRICE_DOWN * math.log(k2 / n)
-    return misfit + area + plan_module.ASPECT_TILE_PRICE * n
+    """Misfit + area price (``test_plan``'s reference, from the docstring) + the tile price."""
+    return area_cost(h, w, grid, k2, fit) + plan_module.ASPECT_TILE_PRICE * grid[0] * grid[1]
 
 
 def limits(h: int, w: int, t: int, u: float) -> tuple[int, int]:
