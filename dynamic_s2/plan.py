@@ -7,8 +7,8 @@ data-loader workers or on every call.
 
 Two policies:
 
-* ``"aspect"`` (default): at every scale, the grid whose aspect ratio best matches the image, with a
-  per-tile price that keeps the tile count close to the scale's area (see :func:`plan_tiles`).
+* ``"aspect"`` (default): at every scale a grid shaped like the image, all scales chosen together
+  so that every scale has more tiles than the one below (see :func:`plan_tiles`).
 * ``"nvila"``: NVILA's Dynamic-S2 rule, reproduced exactly: square k×k grids at every scale but the
   last, an aspect-matched grid from a fixed candidate list at the last.
 
