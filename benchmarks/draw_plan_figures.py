@@ -45,6 +45,7 @@ from dynamic_s2.plan import TilePlan, plan_tiles  # noqa: E402
 SCALES = (448, 896, 1344)
 OUT = ROOT / "docs" / "img"
 GAP = 320  # canvas pixels between two scales of a row
+BATCH_GAP = 640  # wider in the batch figure, whose small canvases carry the same labels
 DOWNSAMPLE = 4  # the resized image is drawn at 1/4 of its canvas resolution (enough for a figure)
 
 
@@ -54,7 +55,12 @@ def log_aspect_error(h: int, w: int, grid: tuple[int, int]) -> float:
 
 
 def draw_row(
-    ax: plt.Axes, image: Image.Image, plan: TilePlan, title: str, height: int | None = None
+    ax: plt.Axes,
+    image: Image.Image,
+    plan: TilePlan,
+    title: str,
+    height: int | None = None,
+    gap: int = GAP,
 ) -> None:
     """One plan: every scale's canvas, side by side, with the image and the tile grid."""
     t = plan.tile_size
@@ -86,8 +92,8 @@ def draw_row(
             f"\nerror {err:.2f}" if plan.fit == "stretch" else f"\npadded {sp.padded_fraction:.0%}"
         )
         ax.text(x0 + cw / 2, ch + 70, label, ha="center", va="top", fontsize=7.5)
-        x0 += cw + GAP
-    ax.set_xlim(-40, x0 - GAP + 40)
+        x0 += cw + gap
+    ax.set_xlim(-40, x0 - gap + 40)
     ax.set_ylim(max(heights) + 420 if height is None else height + 420, -40)
     ax.set_aspect("equal")
     ax.axis("off")
@@ -159,7 +165,7 @@ def batch_figure(images: Sequence[tuple[str, Image.Image]], path: Path, width: f
     budgets = [total, round(0.7 * total), round(0.4 * total)]
     rows = [plan_batch(sizes, SCALES, tile_budget=b) for b in budgets]
     col_w = [
-        max(sum(p[i].scales[j].canvas_size[1] + GAP for j in range(3)) for p in rows)
+        max(sum(p[i].scales[j].canvas_size[1] + BATCH_GAP for j in range(3)) for p in rows)
         for i in range(len(images))
     ]
     row_h = max(max(sp.canvas_size[0] for sp in p.scales) for plans in rows for p in plans) + 460
@@ -178,7 +184,7 @@ def batch_figure(images: Sequence[tuple[str, Image.Image]], path: Path, width: f
             title = f"{name}: {plan.num_tiles} tiles, cost {plan_cost(plan):.2f}"
             if c == 0:
                 title = f"tile_budget={budget} (uses {used})\n" + title
-            draw_row(axes[r][c], img, plan, title, row_h - 460)
+            draw_row(axes[r][c], img, plan, title, row_h - 460, BATCH_GAP)
     fig.suptitle(
         f"One batch of {len(images)} images planned by plan_batch at three budgets, "
         "scales 448/896/1344",
