@@ -9,7 +9,9 @@ top-left with the padding hatched), and the tile grid over it.
 - ``docs/img/plan_receipt.png``: a tall 1:3.6 receipt, drawn here (there is no real receipt among
   the example images);
 - ``docs/img/plan_panorama_pad.png``: a 4:1 panorama (``examples/images/rocket_panorama.jpg``)
-  under ``fit="pad"``.
+  under ``fit="pad"``;
+- ``docs/img/plan_batch_budgets.png``: one batch of four images planned by ``plan_batch`` at
+  three tile budgets (all the tiles the per-image plans want, then about 70% and 40% of them).
 
 Run from the repository root (needs matplotlib and Pillow)::
 
@@ -36,11 +38,14 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dynamic_s2 import plan_batch  # noqa: E402
+from dynamic_s2.budget import plan_cost  # noqa: E402
 from dynamic_s2.plan import TilePlan, plan_tiles  # noqa: E402
 
 SCALES = (448, 896, 1344)
 OUT = ROOT / "docs" / "img"
 GAP = 320  # canvas pixels between two scales of a row
+BATCH_GAP = 640  # wider in the batch figure, whose small canvases carry the same labels
 DOWNSAMPLE = 4  # the resized image is drawn at 1/4 of its canvas resolution (enough for a figure)
 
 
@@ -50,7 +55,12 @@ def log_aspect_error(h: int, w: int, grid: tuple[int, int]) -> float:
 
 
 def draw_row(
-    ax: plt.Axes, image: Image.Image, plan: TilePlan, title: str, height: int | None = None
+    ax: plt.Axes,
+    image: Image.Image,
+    plan: TilePlan,
+    title: str,
+    height: int | None = None,
+    gap: int = GAP,
 ) -> None:
     """One plan: every scale's canvas, side by side, with the image and the tile grid."""
     t = plan.tile_size
@@ -82,8 +92,8 @@ def draw_row(
             f"\nerror {err:.2f}" if plan.fit == "stretch" else f"\npadded {sp.padded_fraction:.0%}"
         )
         ax.text(x0 + cw / 2, ch + 70, label, ha="center", va="top", fontsize=7.5)
-        x0 += cw + GAP
-    ax.set_xlim(-40, x0 - GAP + 40)
+        x0 += cw + gap
+    ax.set_xlim(-40, x0 - gap + 40)
     ax.set_ylim(max(heights) + 420 if height is None else height + 420, -40)
     ax.set_aspect("equal")
     ax.axis("off")
@@ -133,6 +143,11 @@ def figure(
         draw_row(ax, image, plan, title, max(canvas_h) - 460 if side_by_side else None)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if not side_by_side else 0.95))
+    save(fig, path)
+
+
+def save(fig: plt.Figure, path: Path) -> None:
+    """Save and close ``fig``, then requantise the PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -141,6 +156,42 @@ def figure(
         small = drawn.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     small.save(path, optimize=True)
     print(f"wrote {path.relative_to(ROOT)}")
+
+
+def batch_figure(images: Sequence[tuple[str, Image.Image]], path: Path, width: float) -> None:
+    """One row per budget, one column per image: ``plan_batch``'s plans of one batch."""
+    sizes = [(img.height, img.width) for _, img in images]
+    total = sum(plan_tiles(h, w, SCALES).num_tiles for h, w in sizes)
+    budgets = [total, round(0.7 * total), round(0.4 * total)]
+    rows = [plan_batch(sizes, SCALES, tile_budget=b) for b in budgets]
+    col_w = [
+        max(sum(p[i].scales[j].canvas_size[1] + BATCH_GAP for j in range(3)) for p in rows)
+        for i in range(len(images))
+    ]
+    row_h = max(max(sp.canvas_size[0] for sp in p.scales) for plans in rows for p in plans) + 460
+    scale = width / sum(col_w)
+    fig, axes = plt.subplots(
+        len(budgets),
+        len(images),
+        figsize=(width, len(budgets) * row_h * scale + 1.2),
+        gridspec_kw={"width_ratios": col_w},
+        dpi=110,
+        squeeze=False,
+    )
+    for r, (budget, plans) in enumerate(zip(budgets, rows, strict=True)):
+        used = sum(p.num_tiles for p in plans)
+        for c, ((name, img), plan) in enumerate(zip(images, plans, strict=True)):
+            title = f"{name}: {plan.num_tiles} tiles, cost {plan_cost(plan):.2f}"
+            if c == 0:
+                title = f"tile_budget={budget} (uses {used})\n" + title
+            draw_row(axes[r][c], img, plan, title, row_h - 460, BATCH_GAP)
+    fig.suptitle(
+        f"One batch of {len(images)} images planned by plan_batch at three budgets, "
+        "scales 448/896/1344",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    save(fig, path)
 
 
 def receipt(width: int = 560, height: int = 2000) -> Image.Image:
@@ -225,6 +276,12 @@ def main() -> None:
         OUT / "plan_panorama_pad.png",
         f'A 4:1 panorama ({pano.width}×{pano.height}), fit="pad", scales 448/896/1344',
         width=9.0,
+    )
+    page = Image.open(images / "page.png").convert("RGB")
+    batch_figure(
+        [("photo", photo), ("receipt", slip), ("panorama", pano), ("page", page)],
+        OUT / "plan_batch_budgets.png",
+        width=14.0,
     )
 
 

@@ -37,7 +37,15 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "performance.md"
 
 #: Benchmarks in the order they run; any other script that writes results runs after them.
-ORDER = ("overhead", "merge_speed", "memory", "plan_speed", "tiling_quality", "nvila_preprocess")
+ORDER = (
+    "overhead",
+    "merge_speed",
+    "memory",
+    "plan_speed",
+    "plan_batch_speed",
+    "tiling_quality",
+    "nvila_preprocess",
+)
 
 
 def discover() -> list[str]:

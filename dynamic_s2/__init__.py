@@ -13,6 +13,7 @@ is the two in a row and :class:`DynamicS2` wraps it in an ``nn.Module``. Every o
 from . import nvila, s2wrapper
 from .api import DynamicS2, forward, prepare, run
 from .backbones import Backbone, as_backbone, load_backbone
+from .budget import plan_batch
 from .encode import encode_tiles
 from .merge import MultiScaleFeatures, merge
 from .options import S2Options, default_scales
@@ -38,6 +39,7 @@ __all__ = [
     "load_backbone",
     "merge",
     "nvila",
+    "plan_batch",
     "plan_tiles",
     "prepare",
     "resize",

@@ -30,6 +30,7 @@ __all__ = [
     "one_of",
     "optional",
     "positive_int",
+    "positive_number",
     "stats",
 ]
 
@@ -82,6 +83,22 @@ def non_negative_int(name: str, value: Any) -> int:
         0
     """
     return _int_at_least(name, value, 0, "an int >= 0")
+
+
+def positive_number(name: str, value: Any) -> float:
+    """``value`` as a finite float above 0 (not a bool).
+
+    Examples:
+        >>> positive_number("max_upscale", 2)
+        2.0
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be a finite number above 0, got {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+    return float(value)
 
 
 def optional(check: Any, name: str, value: Any) -> Any:

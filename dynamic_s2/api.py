@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
+from .budget import plan_batch
 from .encode import _encode, check_chunking
 from .merge import MultiScaleFeatures, _merge
 from .options import S2Options, default_scales, make_options
@@ -23,9 +24,6 @@ from .plan import TilePlan, plan_tiles
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
 __all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
-
-#: What the planner reads from the options (the rest of plan_tiles' arguments are the size).
-_PLAN_KEYS = ("tile_size", "max_tiles", "policy", "fit")
 
 
 def _with_scales(kwargs: Mapping[str, Any], scales: Any) -> dict[str, Any]:
@@ -48,10 +46,12 @@ def _plans(
                 "scales must be given (or a model to take them from), got None: pass "
                 "scales=, e.g. scales=(448, 896, 1344)"
             )
-        settings = {k: getattr(opts, k) for k in _PLAN_KEYS}
-        return tuple(
-            plan_tiles(img.shape[-2], img.shape[-1], opts.scales, **settings) for img in items
-        )
+        settings = opts.stage("plan")
+        scales, budget = settings.pop("scales"), settings.pop("tile_budget")
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in items]
+        if budget is not None:
+            return tuple(plan_batch(sizes, scales, tile_budget=budget, **settings))
+        return tuple(plan_tiles(h, w, scales, **settings) for h, w in sizes)
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
         made = {
@@ -68,9 +68,9 @@ def _plans(
                     f"{name}={value!r} disagrees with plans[{i}], made with {name}="
                     f"{made[name]!r}: give one or the other"
                 )
-            if name == "max_tiles":
+            if name in ("max_tiles", "max_upscale", "tile_budget"):
                 raise ValueError(
-                    f"max_tiles={value!r} has no effect with plans=, which fix the tiles: give "
+                    f"{name}={value!r} has no effect with plans=, which fix the tiles: give "
                     "one or the other"
                 )
     if len({p.num_scales for p in plan_list}) > 1:
@@ -119,7 +119,7 @@ def prepare(
     Examples:
         >>> batch = prepare([torch.rand(3, 48, 64), torch.rand(3, 90, 30)], scales=(32, 64))
         >>> batch.tiles.shape, batch.tile_counts
-        (torch.Size([13, 3, 32, 32]), (7, 6))
+        (torch.Size([22, 3, 32, 32]), (7, 15))
     """
     opts = make_options(options, _with_scales(kwargs, scales), where="prepare()")
     if model is not None:
@@ -231,7 +231,7 @@ def forward(
         >>> images = [torch.rand(3, 48, 64), torch.rand(3, 90, 30)]
         >>> out = forward(model, images, scales=(32, 64))
         >>> out.features.shape, out.mask.sum(dim=(1, 2)).tolist()
-        (torch.Size([2, 12, 12, 16]), [96, 48])
+        (torch.Size([2, 24, 12, 16]), [96, 192])
     """
     given = _with_scales(kwargs, scales)
     opts = make_options(options, given, where="forward()")

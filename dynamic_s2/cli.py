@@ -19,6 +19,7 @@ from typing import Any
 
 from . import options
 from ._optional import require
+from .budget import plan_batch
 from .plan import TilePlan, plan_tiles
 
 __all__ = ["main"]
@@ -130,12 +131,16 @@ def _image_size(spec: str) -> tuple[int, int]:
     return h, w
 
 
-def _make_plan(size: tuple[int, int], opts: options.S2Options) -> TilePlan:
+def _make_plans(sizes: Sequence[tuple[int, int]], opts: options.S2Options) -> list[TilePlan]:
+    """The plans of images of ``sizes`` (planned together under ``--tile-budget``)."""
     if opts.scales is None:
         raise _UsageError("--scales is required, e.g. --scales 448,896,1344")
-    settings = {k: getattr(opts, k) for k in options.stage_fields("plan") if k != "scales"}
+    settings = opts.stage("plan")
+    scales, budget = settings.pop("scales"), settings.pop("tile_budget")
     try:
-        return plan_tiles(size[0], size[1], opts.scales, **settings)
+        if budget is not None:
+            return plan_batch(sizes, scales, tile_budget=budget, **settings)
+        return [plan_tiles(h, w, scales, **settings) for h, w in sizes]
     except (ValueError, TypeError) as exc:
         raise _UsageError(str(exc)) from exc
 
@@ -194,8 +199,8 @@ def format_plan(
 def _cmd_plan(args: argparse.Namespace) -> int:
     opts = _options(args)
     results: list[dict[str, Any]] = []
-    for spec in args.images:
-        plan = _make_plan(_image_size(spec), opts)
+    plans = _make_plans([_image_size(spec) for spec in args.images], opts)
+    for spec, plan in zip(args.images, plans, strict=True):
         if args.json:
             results.append({"image": spec, "plan": plan.to_dict()})
         else:
@@ -225,7 +230,7 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:
         raise _UsageError(f"IMAGE: cannot read {args.image!r}: {exc}") from exc
-    plan = _make_plan((int(image.shape[1]), int(image.shape[2])), opts)
+    (plan,) = _make_plans([(int(image.shape[1]), int(image.shape[2]))], opts)
     draw_plan(image, plan, args.output)
     print(format_plan(plan, name=args.image))
     print(f"wrote {args.output}")

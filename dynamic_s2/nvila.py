@@ -39,10 +39,11 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
@@ -144,10 +145,15 @@ def _to_rgb_chw(image: object, name: str) -> torch.Tensor:
     return chw[:3]  # RGB, or RGBA with its alpha dropped, as PIL's convert("RGB")
 
 
-def _nvila_plan(height: int, width: int, scales: Sequence[int], max_tiles: int) -> TilePlan:
+def _planner(
+    scales: Sequence[int], max_tiles: int, max_upscale: float | None
+) -> Callable[[int, int], TilePlan]:
+    """NVILA's planner for these settings, as a function of the image size."""
     if not _checks.is_int(max_tiles):
         raise TypeError(f"max_tiles must be an int (NVILA's max_num), got {max_tiles!r}")
-    return plan_tiles(height, width, scales, max_tiles=max_tiles, policy="nvila")
+    return functools.partial(
+        plan_tiles, scales=scales, max_tiles=max_tiles, policy="nvila", max_upscale=max_upscale
+    )
 
 
 def _normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -159,15 +165,14 @@ def _normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 def _preprocess_pil(
     image: PILImage.Image,
-    scales: Sequence[int],
-    max_tiles: int,
+    plan_for: Callable[[int, int], TilePlan],
     mean: Sequence[float],
     std: Sequence[float],
 ) -> tuple[torch.Tensor, TilePlan]:
     require("PIL.Image", "demo")
     if image.mode != "RGB":
         image = image.convert("RGB")  # NVILA converts every image this way
-    plan = _nvila_plan(image.height, image.width, scales, max_tiles)
+    plan = plan_for(image.height, image.width)
     tiles = tile_pil(image, plan).to(torch.float32)
     # In place, in NVILA's order: x / 255, then (x - mean) / std.
     return _normalize_(tiles.div_(255.0), mean, std), plan
@@ -225,6 +230,7 @@ def preprocess(
     max_tiles: int = DEFAULT_MAX_TILES,
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
+    max_upscale: float | None = None,
 ) -> NvilaTiles:
     """NVILA's Dynamic-S2 preprocessing of one image.
 
@@ -241,6 +247,9 @@ def preprocess(
             is replicated and alpha dropped, as PIL's ``convert("RGB")`` does.
         scales: pixel sizes, each a multiple of the first (the tile size).
         max_tiles: the most tiles at the last scale (NVILA's ``max_num``).
+        max_upscale: not NVILA's: no scale enlarges the image more than this factor along a
+            side (see :func:`dynamic_s2.plan_tiles`); small images then get fewer tiles than
+            NVILA gives them. ``None`` (the default) is NVILA's rule exactly.
         mean: per-channel normalisation mean (SigLIP's ``0.5`` by default).
         std: per-channel normalisation std (SigLIP's ``0.5`` by default).
 
@@ -267,7 +276,7 @@ def preprocess(
         >>> float(tiles.min()), float(tiles.max())
         (-1.0, -1.0)
     """
-    batch = preprocess_batch([image], scales, max_tiles, mean, std)
+    batch = preprocess_batch([image], scales, max_tiles, mean, std, max_upscale)
     return NvilaTiles(batch.tiles, batch.plans, single=True)
 
 
@@ -277,6 +286,7 @@ def preprocess_batch(
     max_tiles: int = DEFAULT_MAX_TILES,
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
+    max_upscale: float | None = None,
 ) -> NvilaTiles:
     """:func:`preprocess` for a list of images: all tiles concatenated, with every plan.
 
@@ -289,6 +299,7 @@ def preprocess_batch(
         images: a non-empty sequence of images, each as :func:`preprocess` accepts.
         scales: as in :func:`preprocess`.
         max_tiles: as in :func:`preprocess`.
+        max_upscale: as in :func:`preprocess`.
         mean: as in :func:`preprocess`.
         std: as in :func:`preprocess`.
 
@@ -309,6 +320,7 @@ def preprocess_batch(
         raise ValueError("images must not be empty")
     mean = _check_stats("mean", mean)
     std = _check_stats("std", std)
+    plan_for = _planner(scales, max_tiles, max_upscale)
 
     parts: dict[int, torch.Tensor] = {}  # PIL images, tiled one by one
     plans: list[TilePlan] = []
@@ -316,10 +328,10 @@ def preprocess_batch(
     tensor_images: list[torch.Tensor] = []
     for i, image in enumerate(images):
         if _is_pil(image):
-            parts[i], plan = _preprocess_pil(image, scales, max_tiles, mean, std)
+            parts[i], plan = _preprocess_pil(image, plan_for, mean, std)
         else:
             chw = _to_rgb_chw(image, f"images[{i}]")
-            plan = _nvila_plan(int(chw.shape[1]), int(chw.shape[2]), scales, max_tiles)
+            plan = plan_for(int(chw.shape[1]), int(chw.shape[2]))
             tensor_ids.append(i)
             tensor_images.append(chw)
         plans.append(plan)

@@ -101,7 +101,12 @@ class S2Options:
         scales: pixel sizes, strictly increasing, e.g. ``(448, 896, 1344)``; default ``(t, 2t,
             3t)`` from the backbone's input size ``t``.
         tile_size: tile side; default ``scales[0]`` (the backbone's size with default scales).
-        max_tiles: tile budget, see :func:`~dynamic_s2.plan.plan_tiles`.
+        max_tiles: tile budget per image, see :func:`~dynamic_s2.plan.plan_tiles`.
+        max_upscale: the most any scale may enlarge the image along a side, see
+            :func:`~dynamic_s2.plan.plan_tiles`.
+        tile_budget: the most tiles of a whole batch: the batch is planned together by
+            :func:`~dynamic_s2.budget.plan_batch` (in :func:`~dynamic_s2.prepare`, so a
+            DataLoader ``collate_fn`` plans each batch as a whole).
         policy: ``"aspect"`` or ``"nvila"``.
         fit: ``"stretch"`` or ``"pad"``.
         mean: normalisation of uint8 images, one number or one per channel.
@@ -133,6 +138,13 @@ class S2Options:
         None, "plan", "tile budget: one int for the largest scale, or one per scale",
         parse=_one_or_many, metavar="N[,N...]",
     )  # fmt: skip
+    max_upscale: float | None = _option(
+        None, "plan", "no scale enlarges the image more than this factor per side (e.g. 2.0)",
+        parse=float, metavar="F",
+    )  # fmt: skip
+    tile_budget: int | None = _option(
+        None, "plan", "most tiles for a whole batch, planned together (see plan_batch)"
+    )
     policy: Policy = _option("aspect", "plan", "grid policy", parse=None, choices=POLICIES)
     fit: Fit = _option(
         "stretch", "plan", "stretch the image to the canvas, or keep its aspect ratio and pad",
@@ -255,6 +267,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "scales": lambda name, v: None if v is None else check_scales(v),
     "tile_size": lambda name, v: _checks.optional(_checks.positive_int, name, v),
     "max_tiles": _check_max_tiles_shape,
+    "max_upscale": lambda name, v: _checks.optional(_checks.positive_number, name, v),
+    "tile_budget": lambda name, v: _checks.optional(_checks.positive_int, name, v),
     "policy": lambda name, v: _checks.one_of(name, v, POLICIES),
     "fit": lambda name, v: _checks.one_of(name, v, FITS),
     "mean": _checks.stats,
@@ -276,7 +290,7 @@ def stage_fields(*stages: str, cls: type[S2Options] | None = None) -> list[str]:
 
     Examples:
         >>> stage_fields("plan")
-        ['scales', 'tile_size', 'max_tiles', 'policy', 'fit']
+        ['scales', 'tile_size', 'max_tiles', 'max_upscale', 'tile_budget', 'policy', 'fit']
     """
     chosen = stages or STAGES
     return [f.name for f in fields(cls or S2Options) if f.metadata["stage"] in chosen]

@@ -7,8 +7,8 @@ data-loader workers or on every call.
 
 Two policies:
 
-* ``"aspect"`` (default): at every scale, the grid whose aspect ratio best matches the image, with a
-  per-tile price that keeps the tile count close to the scale's area (see :func:`plan_tiles`).
+* ``"aspect"`` (default): at every scale a grid shaped like the image, all scales chosen together
+  so that every scale has more tiles than the one below (see :func:`plan_tiles`).
 * ``"nvila"``: NVILA's Dynamic-S2 rule, reproduced exactly: square k×k grids at every scale but the
   last, an aspect-matched grid from a fixed candidate list at the last.
 
@@ -29,9 +29,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from . import _checks
+from ._aspect import aspect_dp, aspect_tables
+
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
     "ASPECT_AREA_PRICE_UP",
+    "ASPECT_TILE_PRICE",
     "Fit",
     "Policy",
     "ScalePlan",
@@ -49,12 +53,16 @@ FITS: tuple[str, ...] = ("stretch", "pad")
 
 #: Price, under the ``"aspect"`` policy, of a grid whose tile count ``n`` exceeds the scale's target
 #: ``k²``: ``ASPECT_AREA_PRICE_UP · log(n / k²)``, in the units of the misfit (log aspect error).
-#: Tuned on the mix in ``benchmarks/tiling_quality.py``.
-ASPECT_AREA_PRICE_UP: float = 0.3
+#: Tuned with the other two prices on the mix in ``benchmarks/tiling_quality.py``.
+ASPECT_AREA_PRICE_UP: float = 0.06
 
 #: Price of a grid with fewer tiles than ``k²`` (lost resolution): ``ASPECT_AREA_PRICE_DOWN ·
 #: log(k² / n)``.
-ASPECT_AREA_PRICE_DOWN: float = 0.5
+ASPECT_AREA_PRICE_DOWN: float = 0.35
+
+#: Price of every tile, at every scale, in the units of the misfit: a tile is worth adding when it
+#: lowers the misfit by more than this. :func:`dynamic_s2.plan_batch` raises it to meet a budget.
+ASPECT_TILE_PRICE: float = 0.02
 
 #: Default tile cap of the ``"aspect"`` policy, as a multiple of the scale's target tile count k².
 ASPECT_DEFAULT_CAP: float = 3.0
@@ -154,6 +162,7 @@ class TilePlan:
         scales: one :class:`ScalePlan` per scale, in ascending order.
         policy: the policy that chose the grids.
         fit: ``"stretch"`` or ``"pad"``.
+        max_upscale: the ``max_upscale`` the plan was made under (``None``: no limit).
 
     Examples:
         >>> import json
@@ -169,6 +178,7 @@ class TilePlan:
     scales: tuple[ScalePlan, ...]
     policy: str = "aspect"
     fit: str = "stretch"
+    max_upscale: float | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -214,10 +224,15 @@ class TilePlan:
             tuple(sp.transpose() for sp in self.scales),
             self.policy,
             self.fit,
+            self.max_upscale,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan."""
+        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan.
+
+        ``max_upscale`` is written only when the plan has one.
+        """
+        limit = {} if self.max_upscale is None else {"max_upscale": self.max_upscale}
         return {
             "image_size": list(self.image_size),
             "tile_size": self.tile_size,
@@ -231,6 +246,7 @@ class TilePlan:
                 }
                 for sp in self.scales
             ],
+            **limit,
         }
 
     @classmethod
@@ -288,7 +304,8 @@ class TilePlan:
             raise ValueError(
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
-        return cls(image_size, tile, tuple(scales), policy, fit)
+        upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
+        return cls(image_size, tile, tuple(scales), policy, fit, upscale)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -382,6 +399,7 @@ def plan_tiles(
     max_tiles: int | Sequence[int] | None = None,
     policy: Policy = "aspect",
     fit: Fit = "stretch",
+    max_upscale: float | None = None,
 ) -> TilePlan:
     """Choose a tile grid for every scale of an image of size ``height × width``.
 
@@ -398,25 +416,34 @@ def plan_tiles(
         policy: ``"aspect"`` (aspect-matched grid at every scale) or ``"nvila"`` (NVILA's rule).
         fit: ``"stretch"`` (resize to fill the canvas) or ``"pad"`` (keep the aspect ratio, pad
             bottom and right).
+        max_upscale: ``None`` (no limit) or the largest factor by which any scale may enlarge
+            the image along either side: every scale has ``rows ≤ max(1, ⌊max_upscale·h / t⌋)``
+            and ``cols ≤ max(1, ⌊max_upscale·w / t⌋)``. A plan already inside the limit is kept;
+            otherwise the policy's rule runs again on the grids inside the limit with, at every
+            scale, at most as many tiles as the unlimited plan, so small images get fewer tiles.
 
-    The ``"aspect"`` policy, per scale ``s`` with ``k = s / tile_size``:
+    The ``"aspect"`` policy chooses the grids of all scales together. With ``k = s / tile_size``
+    the target of scale ``s`` is ``k²`` tiles, and a grid of ``n = rows·cols`` tiles costs
 
-    * candidates are the grids ``rows × cols`` with ``lo ≤ rows·cols ≤ cap``, where ``cap`` is the
-      budget (default ``⌊3k²⌋``) and ``lo`` the previous scale's tile count (never above ``cap``),
-      so tile counts never decrease;
-    * the cost of a grid is its misfit plus an area price: the misfit is ``|log(grid aspect /
-      image aspect)|`` (stretch) or the padded fraction of the canvas (pad); the area price is
-      :data:`ASPECT_AREA_PRICE_UP` ``· log(n / k²)`` above the target ``k²`` tiles and
+    * its misfit: ``|log(grid aspect / image aspect)|`` (stretch) or the padded fraction of the
+      canvas (pad);
+    * plus an area price: :data:`ASPECT_AREA_PRICE_UP` ``· log(n / k²)`` above the target,
       :data:`ASPECT_AREA_PRICE_DOWN` ``· log(k² / n)`` below it;
-    * the cheapest grid wins; ties go to fewer tiles, then to the squarer grid. A grid that fits
-      the aspect ratio better is passed over only when its area price outweighs the gain.
+    * plus :data:`ASPECT_TILE_PRICE` ``· n``.
+
+    A dynamic programme over the scales returns the plan of least total cost among those with at
+    most ``cap`` tiles per scale (the budget, default ``⌊3k²⌋``) whose tile counts strictly
+    increase from scale to scale. A scale may repeat the previous count only when no allowed grid
+    has more tiles (a cap stops it); counts never decrease. Ties go to fewer tiles; among grids of
+    one count, to the better fit, then the squarer grid, then fewer rows.
 
     Returns:
         The :class:`TilePlan`.
 
     Raises:
         TypeError: a size, scale or budget of the wrong type.
-        ValueError: non-positive sizes, bad scales, unknown policy or fit, bad ``max_tiles``.
+        ValueError: non-positive sizes, bad scales, unknown policy or fit, bad ``max_tiles``, a
+            ``max_upscale`` that is not a finite number above 0.
 
     Examples:
         >>> plan = plan_tiles(1080, 1920, (448, 896, 1344))
@@ -424,6 +451,8 @@ def plan_tiles(
         [(1, 2), (2, 3), (2, 4)]
         >>> [sp.grid for sp in plan_tiles(1080, 1920, (448, 896, 1344), policy="nvila").scales]
         [(1, 1), (2, 2), (3, 4)]
+        >>> plan_tiles(64, 64, (448, 896, 1344), max_upscale=2.0).grids
+        ((1, 1), (1, 1), (1, 1))
         >>> plan_tiles(1080, 1920, (1, 2))
         Traceback (most recent call last):
             ...
@@ -448,9 +477,10 @@ def plan_tiles(
         )
         and type(policy) is str
         and type(fit) is str
+        and (max_upscale is None or type(max_upscale) in (int, float))
     ):
-        return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit)
-    return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit)
+        return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
+    return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
 
 
 def _plan_uncached(
@@ -461,14 +491,44 @@ def _plan_uncached(
     max_tiles: Any,
     policy: Any,
     fit: Any,
+    max_upscale: Any = None,
+    tile_price: float | None = None,
 ) -> TilePlan:
     h = _check_positive_int("height", height)
     w = _check_positive_int("width", width)
     sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
+    upscale = _checks.optional(_checks.positive_number, "max_upscale", max_upscale)
+    price = ASPECT_TILE_PRICE if tile_price is None else tile_price
     if policy == "nvila":
         grids = _nvila_grids(h, w, sc, t, caps)
     else:
-        grids = _aspect_grids(h, w, sc, t, caps, fit)
+        prices = _prices(price)
+        tables = aspect_tables(h, w, sc, t, _scale_caps(sc, t, caps), fit, None, prices)
+        grids = aspect_dp(tables, prices)
+    if upscale is not None:
+        limit = _upscale_limit(h, w, t, upscale)
+        if any(r > limit[0] or c > limit[1] for r, c in grids):
+            bound = [r * c for r, c in grids]
+            if policy == "nvila":
+                grids = _nvila_limited(h, w, sc, t, caps, limit, bound[-1])
+            else:
+                scale_caps = _scale_caps(sc, t, caps)
+                capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
+                prices = _prices(price)
+                grids = aspect_dp(aspect_tables(h, w, sc, t, capped, fit, limit, prices), prices)
+    return _make_plan(h, w, sc, t, grids, policy, fit, upscale)
+
+
+def _make_plan(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    grids: Sequence[tuple[int, int]],
+    policy: str,
+    fit: str,
+    upscale: float | None,
+) -> TilePlan:
     return TilePlan(
         (h, w),
         t,
@@ -478,7 +538,13 @@ def _plan_uncached(
         ),
         policy,
         fit,
+        upscale,
     )
+
+
+def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
+    """The most ``(rows, cols)`` that keep every scale within ``upscale`` × the image's size."""
+    return (max(1, math.floor(upscale * h / t)), max(1, math.floor(upscale * w / t)))
 
 
 _plan_cached = lru_cache(maxsize=65536)(_plan_uncached)
@@ -514,62 +580,9 @@ def _scale_caps(sc: tuple[int, ...], t: int, caps: tuple[int, ...] | int | None)
     return list(caps)
 
 
-def _aspect_grids(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
-    caps: tuple[int, ...] | int | None,
-    fit: str,
-) -> list[tuple[int, int]]:
-    pad = fit == "pad"
-    log_aspect = math.log(w) - math.log(h)
-    up, down = ASPECT_AREA_PRICE_UP, ASPECT_AREA_PRICE_DOWN
-    log = math.log
-    grids: list[tuple[int, int]] = []
-    prev = 1
-    for s, cap in zip(sc, _scale_caps(sc, t, caps), strict=True):
-        k2 = (s / t) ** 2
-        log_k2 = log(k2)
-        lo = min(cap, prev)
-        best: tuple[float, int, float, int, int] = (math.inf, 0, 0.0, 0, 0)
-        # Every grid has min(rows, cols) <= sqrt(cap): fix the short side m and try the long side
-        # at the breakpoints of its cost (convex in log n for stretch): the ideal aspect, the
-        # ideal area and the ends of the allowed range. tests/test_plan.py checks this against
-        # brute force.
-        for m in range(1, math.isqrt(cap) + 1):
-            lo_n, hi_n = max(1, -(-lo // m)), cap // m
-            if lo_n > hi_n:
-                continue
-            area = k2 / m
-            log_m = log(m)
-            for sign, ideal in ((1.0, m * w / h), (-1.0, m * h / w)):
-                for n in {
-                    math.floor(ideal),
-                    math.ceil(ideal),
-                    math.floor(area),
-                    math.ceil(area),
-                    lo_n,
-                    hi_n,
-                }:
-                    n = lo_n if n < lo_n else hi_n if n > hi_n else n
-                    log_n = log(n)
-                    excess = log_m + log_n - log_k2
-                    cost = up * excess if excess > 0 else -down * excess
-                    if cost > best[0]:
-                        continue
-                    # misfit: |log(cols / rows) - log(w / h)|; sign says whether n is cols
-                    misfit = abs(sign * (log_n - log_m) - log_aspect)
-                    cost += -math.expm1(-misfit) if pad else misfit  # pad: the padded fraction
-                    if cost > best[0]:
-                        continue
-                    rows, cols = (m, n) if sign > 0 else (n, m)
-                    key = (cost, m * n, abs(log_n - log_m), rows, cols)
-                    if key < best:
-                        best = key
-        grids.append((best[3], best[4]))
-        prev = best[1]
-    return grids
+def _prices(tile_price: float) -> tuple[float, float, float]:
+    """The area prices as set now (benchmarks change them) and a tile price."""
+    return (ASPECT_AREA_PRICE_UP, ASPECT_AREA_PRICE_DOWN, tile_price)
 
 
 def _nvila_lower_grids(sc: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -644,15 +657,50 @@ def _nvila_grids(
             f"{sc[-1]} (({sc[-1]} // {base})²)"
         )
     grids = _nvila_lower_grids(sc)
+    grids.append(_nvila_walk(h, w, t, _nvila_candidates(min_num, max_num)))
+    return grids
+
+
+def _nvila_walk(h: int, w: int, t: int, candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """NVILA's choice among ``(cols, rows)`` candidates, returned as ``(rows, cols)``."""
     aspect = w / h
     area = w * h
     best_diff = math.inf
     best = (1, 1)
-    for i, j in _nvila_candidates(min_num, max_num):  # i columns, j rows
+    for i, j in candidates:  # i columns, j rows
         diff = abs(aspect - i / j)
         if diff < best_diff:
             best_diff, best = diff, (i, j)
         elif diff == best_diff and area > 0.5 * t * t * i * j:
             best = (i, j)
-    grids.append((best[1], best[0]))
-    return grids
+    return (best[1], best[0])
+
+
+def _nvila_limited(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: tuple[int, ...] | int | None,
+    limit: tuple[int, int],
+    bound: int,
+) -> list[tuple[int, int]]:
+    """``policy="nvila"`` under ``max_upscale``: where it departs from NVILA.
+
+    Every scale but the last: ``k × k`` clipped to the limit. The last: NVILA's walk over its
+    candidates inside the limit with at most ``bound`` tiles (the unlimited plan's count); when
+    none is left, ``K × K`` clipped to the limit, ``K = scales[-1] // scales[0]``.
+    """
+    max_rows, max_cols = limit
+    lower = [(min(r, max_rows), min(c, max_cols)) for r, c in _nvila_lower_grids(sc)]
+    base = sc[0]
+    min_num = (sc[-1] // base) ** 2
+    max_num = caps if isinstance(caps, int) else 12  # _nvila_grids has rejected per-scale caps
+    inside = [
+        (i, j)
+        for i, j in _nvila_candidates(min_num, max_num)
+        if j <= max_rows and i <= max_cols and i * j <= bound
+    ]
+    k = sc[-1] // base
+    last = _nvila_walk(h, w, t, inside) if inside else (min(k, max_rows), min(k, max_cols))
+    return [*lower, last]

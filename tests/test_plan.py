@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -149,12 +151,6 @@ def reference_cost(h: int, w: int, grid: tuple[int, int], k2: float, fit: str) -
     return misfit + price
 
 
-def tie_key(grid: tuple[int, int]) -> tuple[int, float]:
-    """The documented tie-break: fewer tiles, then the squarer grid."""
-    rows, cols = grid
-    return (rows * cols, abs(math.log(cols / rows)))
-
-
 def reference_nvila_grid(
     width: int, height: int, scales: Sequence[int], max_tiles: int = 12
 ) -> tuple[int, int]:
@@ -241,30 +237,69 @@ def check_counts(plan: TilePlan, caps: Sequence[int]) -> None:
     assert all(c <= cap for c, cap in zip(counts, caps, strict=True)), (counts, caps)
 
 
+def check_distinct(plan: TilePlan, caps: Sequence[int]) -> None:
+    """Issue 12: counts strictly increase unless the scale's cap leaves no larger grid."""
+    for (a, b), cap in zip(itertools.pairwise(plan.scales), caps[1:], strict=True):
+        assert b.num_tiles > a.num_tiles or b.num_tiles == a.num_tiles == cap, (
+            f"{plan.image_size}: {a.num_tiles} then {b.num_tiles} tiles under cap {cap}"
+        )
+
+
+def check_symmetric(plan: TilePlan, h: int, w: int, config: dict[str, Any], fit: str) -> None:
+    """The transposed image gets exactly the transposed plan. A square image is its own
+    transpose, so there the transposed plan only has to cost the same (issue 12: with strictly
+    increasing counts a square image can need a non-square grid, and r×c ties with c×r)."""
+    other = plan_tiles(w, h, fit=fit, **config)
+    if h != w:
+        assert other == plan.transpose()
+        return
+    assert other == plan
+    k2s = [(sp.scale / plan.tile_size) ** 2 for sp in plan.scales]
+    for sp, k2 in zip(plan.scales, k2s, strict=True):
+        flipped = (sp.grid[1], sp.grid[0])
+        assert reference_cost(h, w, sp.grid, k2, fit) == pytest.approx(
+            reference_cost(h, w, flipped, k2, fit), abs=TIE_TOL
+        )
+
+
+def reference_best_total(
+    h: int, w: int, scales: Sequence[int], t: int, caps: Sequence[int], fit: str
+) -> float:
+    """The least total documented cost over every admissible choice of grids, by a memoised
+    search over (scale, previous count) that enumerates every grid: counts strictly increase
+    unless no grid under the scale's cap has more tiles than the previous scale's."""
+    price = plan_module.ASPECT_TILE_PRICE
+
+    @functools.cache
+    def best(i: int, prev: int) -> float:
+        if i == len(scales):
+            return 0.0
+        k2 = (scales[i] / t) ** 2
+        cap = caps[i]
+        out = math.inf
+        for r in range(1, cap + 1):
+            for c in range(1, cap // r + 1):
+                n = r * c
+                if n > prev or (n == prev == cap):
+                    cost = reference_cost(h, w, (r, c), k2, fit) + price * n
+                    out = min(out, cost + best(i + 1, n))
+        return out
+
+    return best(0, 0)
+
+
 def check_optimal(plan: TilePlan, h: int, w: int, caps: Sequence[int], fit: str) -> None:
-    """No grid in the budget is strictly cheaper; among ties the documented tie-break holds."""
+    """No admissible combination of grids has a lower total cost (issue 12's rule)."""
+    check_distinct(plan, caps)
     t = plan.tile_size
-    prev = 1
-    for sp, cap in zip(plan.scales, caps, strict=True):
-        k2 = (sp.scale / t) ** 2
-        lo = min(prev, cap)
-        pool = [
-            (r, c) for r in range(1, cap + 1) for c in range(1, cap // r + 1) if lo <= r * c <= cap
-        ]
-        costs = {g: reference_cost(h, w, g, k2, fit) for g in pool}
-        assert sp.grid in costs, f"grid {sp.grid} outside [{lo}, {cap}] tiles at scale {sp.scale}"
-        chosen = costs[sp.grid]
-        best = min(costs.values())
-        assert chosen <= best + TIE_TOL, (
-            f"{h}x{w} scale {sp.scale}: chose {sp.grid} (cost {chosen:.6f}) but "
-            f"{min(costs, key=costs.__getitem__)} costs {best:.6f}"
-        )
-        tied = [g for g, c in costs.items() if c <= chosen + TIE_TOL]
-        best_key = min(tie_key(g) for g in tied)
-        assert tie_key(sp.grid) == pytest.approx(best_key, abs=TIE_TOL), (
-            f"{h}x{w} scale {sp.scale}: tie-break chose {sp.grid} among {tied}"
-        )
-        prev = sp.num_tiles
+    scales = [sp.scale for sp in plan.scales]
+    chosen = sum(
+        reference_cost(h, w, sp.grid, (sp.scale / t) ** 2, fit)
+        + plan_module.ASPECT_TILE_PRICE * sp.num_tiles
+        for sp in plan.scales
+    )
+    best = reference_best_total(h, w, scales, t, caps, fit)
+    assert chosen <= best + TIE_TOL, f"{h}x{w}: chose {plan.grids} at {chosen:.6f} > {best:.6f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +317,7 @@ def test_aspect_properties(h: int, w: int, config: dict[str, Any], fit: str) -> 
     assert plan.policy == "aspect"
     check_structure(plan, h, w, config, fit)
     check_counts(plan, _caps(config))
-    # symmetric: the transposed image gets exactly the transposed plan
-    assert plan_tiles(w, h, fit=fit, **config) == plan.transpose()
+    check_symmetric(plan, h, w, config, fit)
     assert plan.transpose().transpose() == plan
 
 
@@ -309,7 +343,7 @@ def test_aspect_sweep(fit: str) -> None:
         check_structure(plan, h, w, config, fit)
         check_counts(plan, caps)
         check_optimal(plan, h, w, caps, fit)
-        assert plan_tiles(w, h, SCALES, fit=fit) == plan.transpose()
+        check_symmetric(plan, h, w, config, fit)
 
 
 @settings(max_examples=_examples(200))
