@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .merge import merge
+from ._fused import cu_seqlens, pack_maps
+from .merge import check_plan_list, merge, split_prefix
 from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import cut_grid, tile_images
 
@@ -64,6 +65,7 @@ __all__ = [
     "DEFAULT_SCALES",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
+    "merge_and_pack",
     "merge_features",
     "num_tokens",
     "pack_tokens",
@@ -590,3 +592,41 @@ def num_tokens(
     else:
         rows, cols = _check_block_size("block_size", block_size)
     return -(-rows * n // f) * -(-cols * n // f)
+
+
+def merge_and_pack(
+    tile_features: torch.Tensor,
+    plans: Sequence[TilePlan],
+    *,
+    factor: int = 2,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_features` then :func:`pack_tokens_batch`, fused: one pass, each token once.
+
+    Args:
+        tile_features: ``[T, N, C]`` tokens (``N`` square, no prefix) or ``[T, C, h, h]`` maps,
+            any strides (HF's channel-major ``hidden_states`` too), tiles in plan order.
+        plans: the ``policy="nvila"`` plan of every image (:func:`dynamic_s2.plan_tiles`).
+        factor: the packing block side (NVILA: 2).
+        out: a contiguous ``[Σ tokens, factor²·S·C]`` buffer to write into (e.g. reused across
+            steps); not with autograd.
+
+    Returns:
+        ``(tokens, cu_seqlens int32 [B + 1])``, equal to ``pack_tokens_batch(merge_features(...))``;
+        half precision is summed in float32. Gradients flow to ``tile_features``.
+
+    Examples:
+        >>> from dynamic_s2 import plan_tiles
+        >>> plans = [plan_tiles(60, 100, (32, 64, 96), policy="nvila")]
+        >>> tokens, cu = merge_and_pack(torch.randn(17, 16, 8), plans)
+        >>> tokens.shape, cu.tolist()
+        (torch.Size([48, 96]), [0, 48])
+    """
+    plan_list = check_plan_list(plans)
+    total = sum(p.num_tiles for p in plan_list)
+    if not isinstance(tile_features, torch.Tensor) or tile_features.shape[0] != total:
+        got = getattr(tile_features, "shape", type(tile_features).__name__)
+        raise ValueError(f"tile_features must be a tensor of {total} tiles (the plans'), got {got}")
+    _, maps = split_prefix(tile_features, 0)
+    tokens, sizes = pack_maps(maps, plan_list, -1, _check_factor(factor), out=out)
+    return tokens, cu_seqlens(sizes, tokens.device)
