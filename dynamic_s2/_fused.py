@@ -10,8 +10,10 @@ the merged cells, so one gather can write the tokens directly:
 * for every slot the source feature rows and weights of its area (or bilinear) taps are computed on
   the host from the plans (the same 1-D taps as :mod:`dynamic_s2.merge`) and cached per geometry;
 * single-tap scales (integer upsampling, the identity) are one ``index_select`` per run of images
-  straight into the output; multi-tap scales are summed in cache-sized chunks through a small
-  reused scratch, in float32 for half precision inputs; padding slots are zeroed at the end.
+  straight into the output; on a multi-tap scale (a non-integer area factor, bilinear) every slot
+  first takes its first non-zero tap the same way, then only the slots that really sum several
+  taps are summed (in float32 for half precision) and written over with one ``index_copy_``;
+  padding slots are zeroed at the end.
 
 Features whose rows are not contiguous (HF SigLIP's channel-major ``hidden_states``, strides
 ``(N·C, 1, N)``) are transposed one image at a time into a reused scratch and gathered from there.
@@ -33,22 +35,22 @@ from .plan import TilePlan
 
 __all__ = ["check_factor", "cu_seqlens", "fill_tokens", "pack_maps", "packed_size"]
 
-#: Rows summed per chunk by the multi-tap path (about 1 MB of float32 at C = 1152).
-CHUNK_ROWS = 256
-
 #: One image's geometry: per scale ``(rows, cols, valid_h, valid_w)``, then the output grid.
 Geometry = tuple[tuple[tuple[int, int, int, int], ...], tuple[int, int]]
 
 
 @dataclass(frozen=True, eq=False)
 class _Segment:
-    """Slots ``[lo, hi)`` of scale ``scale``, from ``rows`` ``[n]`` (or ``[n, taps]`` + weights)."""
+    """Slots ``[lo, hi)`` of scale ``scale``: each gathered from ``rows``; where a slot sums more
+    than one tap (the slots ``mixed``), the sum over ``mixed_rows`` with ``mixed_weights``."""
 
     scale: int
     lo: int
     hi: int
     rows: torch.Tensor
-    weights: torch.Tensor | None
+    mixed: torch.Tensor | None = None
+    mixed_rows: torch.Tensor | None = None
+    mixed_weights: torch.Tensor | None = None
 
 
 def image_geometry(plan: TilePlan, side: int, out_index: int) -> Geometry:
@@ -133,7 +135,7 @@ def _segments(
     def flush(row: list[_Segment], s: int) -> None:
         if pending[s]:
             rows = torch.from_numpy(np.concatenate([r for _, _, r in pending[s]])).to(device)
-            row.append(_Segment(s, pending[s][0][0], pending[s][-1][1], rows, None))
+            row.append(_Segment(s, pending[s][0][0], pending[s][-1][1], rows))
             pending[s].clear()
 
     slot0, tile0, pads = 0, 0, []
@@ -149,9 +151,7 @@ def _segments(
                     flush(row, s)
                 continue
             flush(row, s)
-            rows_t = torch.from_numpy(np.array(rows)).to(device)
-            weight_t = torch.from_numpy(np.array(weight)).to(device, compute)
-            row.append(_Segment(s, slot0, slot0 + n_slots, rows_t, weight_t))
+            row.append(_multi_tap_segment(s, slot0, rows, weight, device, compute))
         groups.append(row)
         pads.append(slot0 + np.flatnonzero(~_slot_cells(g[1], factor)[2]))
         slot0 += n_slots
@@ -162,29 +162,52 @@ def _segments(
     return tuple(tuple(r) for r in groups), (torch.from_numpy(pad).to(device) if len(pad) else None)
 
 
+def _multi_tap_segment(
+    s: int, lo: int, rows: np.ndarray, weight: np.ndarray, device: torch.device, dtype: torch.dtype
+) -> _Segment:
+    """A segment whose slots take their first non-zero tap, then the sums where there are more."""
+    used = weight != 0
+    first = rows[np.arange(len(rows)), used.argmax(1)]
+    mixed = np.flatnonzero(used.sum(1) > 1)
+    return _Segment(
+        s,
+        lo,
+        lo + len(rows),
+        torch.from_numpy(first).to(device),
+        torch.from_numpy(mixed).to(device),
+        torch.from_numpy(rows[mixed]).to(device),
+        torch.from_numpy(weight[mixed]).to(device, dtype),
+    )
+
+
 def _fill(src: torch.Tensor, slots: torch.Tensor, seg: _Segment, scratch: list) -> None:
-    """Write one segment into ``slots [n, S·C]`` from the rows ``src [R, C]``."""
+    """Write one segment into ``slots [n, S·C]`` from the rows ``src [R, C]``.
+
+    ``scratch``: ``[gathered taps (src dtype), sums (compute dtype)]`` with enough rows.
+    """
     c = src.shape[1]
     column = slots[seg.lo : seg.hi, seg.scale * c : (seg.scale + 1) * c]
-    if seg.weights is None:
-        torch.index_select(src, 0, seg.rows, out=column)
+    torch.index_select(src, 0, seg.rows, out=column)
+    if seg.mixed is None or seg.mixed_rows is None or seg.mixed_weights is None:
         return
-    if not scratch:  # one chunk of gathered taps, and a float32 sum for half precision
-        scratch.append(src.new_empty((CHUNK_ROWS, c)))
-        same = seg.weights.dtype == src.dtype
-        scratch.append(None if same else src.new_empty((CHUNK_ROWS, c), dtype=seg.weights.dtype))
-    tmp, acc = scratch
-    for a in range(0, seg.hi - seg.lo, CHUNK_ROWS):
-        b = min(a + CHUNK_ROWS, seg.hi - seg.lo)
-        target = column[a:b] if acc is None else acc[: b - a]
-        for k in range(seg.rows.shape[1]):
-            torch.index_select(src, 0, seg.rows[a:b, k], out=tmp[: b - a])
-            if k == 0:
-                torch.mul(tmp[: b - a], seg.weights[a:b, :1], out=target)
-            else:
-                target.addcmul_(tmp[: b - a], seg.weights[a:b, k : k + 1])
-        if acc is not None:
-            column[a:b].copy_(target)
+    m = len(seg.mixed)
+    tmp, acc = scratch[0][:m], scratch[1][:m]
+    for k in range(seg.mixed_rows.shape[1]):
+        torch.index_select(src, 0, seg.mixed_rows[:, k], out=tmp)
+        if k == 0:
+            torch.mul(tmp, seg.mixed_weights[:, :1], out=acc)
+        else:
+            acc.addcmul_(tmp, seg.mixed_weights[:, k : k + 1])
+    column.index_copy_(0, seg.mixed, acc if acc.dtype == column.dtype else acc.to(column.dtype))
+
+
+def _scratch(
+    groups: Sequence[Sequence[_Segment]], like: torch.Tensor, compute: torch.dtype
+) -> list:
+    """Buffers for the largest multi-tap sum of ``groups``, allocated once per call."""
+    most = max((len(g.mixed) for row in groups for g in row if g.mixed is not None), default=0)
+    c = like.shape[-1]
+    return [like.new_empty((most, c)), like.new_empty((most, c), dtype=compute)]
 
 
 def _rows_view(maps: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]] | None:
@@ -209,18 +232,18 @@ def fill_tokens(
     c, side = maps.shape[-1], maps.shape[1]
     slots = out.view(-1, out.shape[1] // (factor * factor))
     compute = compute_dtype(maps.dtype)
-    scratch: list = []
     view = _rows_view(maps)
+    batched = view is not None
+    # Rows the batch's maps can be read from as they are, or (channel-major) rows of one image's
+    # tiles at a time, transposed into a reused buffer.
+    strides = view[1] if view is not None else (side * side, side, 1)
+    key = (geometries, side, factor, strides, mode, batched, maps.device, compute)
+    groups, pad = _segments(*key)
+    scratch = _scratch(groups, maps, compute)
     if view is not None:
-        src, strides = view
-        groups, pad = _segments(geometries, side, factor, strides, mode, True, maps.device, compute)
         for seg in (seg for row in groups for seg in row):
-            _fill(src, slots, seg, scratch)
-    else:  # channel-major rows: transpose one image's tiles at a time into a reused buffer
-        strides = (side * side, side, 1)
-        groups, pad = _segments(
-            geometries, side, factor, strides, mode, False, maps.device, compute
-        )
+            _fill(view[0], slots, seg, scratch)
+    else:
         buffer = maps.new_empty((max(_tiles(g) for g in geometries), side, side, c))
         tile0 = 0
         for g, row in zip(geometries, groups, strict=True):
