@@ -50,8 +50,7 @@ def vila_merge(features: torch.Tensor, blocks: list[tuple[int, int]]) -> list[to
             start += r * c
         size = stitched[-1].shape[-2:]
         resized = [
-            F.interpolate(m.to(torch.float32), size=size, mode="area").to(m.dtype)
-            for m in stitched
+            F.interpolate(m.to(torch.float32), size=size, mode="area").to(m.dtype) for m in stitched
         ]
         out.append(torch.cat(resized, dim=1)[0])
     return out
@@ -91,7 +90,7 @@ def random_features(plans: list, side: int, channels: int, dtype=torch.float32, 
 
 @pytest.mark.parametrize("side", [4, 3, 5])
 def test_every_nvila_grid_equals_vila(side: int) -> None:
-    blocks = NVILA_GRIDS + [(1, 1), (2, 3)]
+    blocks = [*NVILA_GRIDS, (1, 1), (2, 3)]
     plans = nvila_plans(blocks)
     feats = random_features(plans, side, 6)
     tokens, cu = nvila.merge_and_pack(feats, plans)
