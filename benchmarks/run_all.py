@@ -37,7 +37,16 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "performance.md"
 
 #: Benchmarks in the order they run; any other script that writes results runs after them.
-ORDER = ("overhead", "merge_speed", "memory", "plan_speed", "tiling_quality", "nvila_preprocess")
+ORDER = (
+    "overhead",
+    "merge_speed",
+    "memory",
+    "plan_speed",
+    "tiling_quality",
+    "nvila_preprocess",
+    "tokens_speed",
+    "tokens_e2e",
+)
 
 
 def discover() -> list[str]:
@@ -205,6 +214,20 @@ def summary() -> str:
                 _status(merge.get("target_met")),
             ]
         )
+    tokens = _load_json("tokens_speed")
+    for case in (tokens or {}).get("cases", []):
+        for key, label in (("fresh", "fresh"), ("out", "`out=`")):
+            target = tokens["targets"].get(f"{case['layout']} {case['dtype']} {key}")
+            if target is not None:
+                speed = case["speedup"][key]
+                rows.append(
+                    [
+                        f"features → tokens vs VILA, {case['layout']} {case['dtype']}, {label}",
+                        f"≥ {target:g}x",
+                        f"{speed:.2f}x",
+                        _status(speed >= target),
+                    ]
+                )
     mem = _load_json("memory")
     if mem:
         rows.append(
