@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._fused import cu_seqlens, pack_maps
+from ._fused import check_factor, cu_seqlens, pack_maps
 from .merge import check_plan_list, merge, split_prefix
 from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import cut_grid, tile_images
@@ -434,11 +434,7 @@ def merge_features(
 
 
 def _check_factor(factor: Any) -> int:
-    if not _is_int(factor):
-        raise TypeError(f"factor must be a positive int, got {factor!r}")
-    if factor <= 0:
-        raise ValueError(f"factor must be a positive int, got {factor!r}")
-    return int(factor)
+    return check_factor(int(factor) if _is_int(factor) else factor)
 
 
 def _check_map(name: str, feature_map: Any) -> torch.Tensor:
