@@ -45,6 +45,8 @@ ORDER = (
     "plan_batch_speed",
     "tiling_quality",
     "nvila_preprocess",
+    "tokens_speed",
+    "tokens_e2e",
 )
 
 
@@ -213,6 +215,20 @@ def summary() -> str:
                 _status(merge.get("target_met")),
             ]
         )
+    tokens = _load_json("tokens_speed")
+    for case in (tokens or {}).get("cases", []):
+        for key, label in (("fresh", "fresh"), ("out", "`out=`")):
+            target = tokens["targets"].get(f"{case['layout']} {case['dtype']} {key}")
+            if target is not None:
+                speed = case["speedup"][key]
+                rows.append(
+                    [
+                        f"features → tokens vs VILA, {case['layout']} {case['dtype']}, {label}",
+                        f"≥ {target:g}x",
+                        f"{speed:.2f}x",
+                        _status(speed >= target),
+                    ]
+                )
     mem = _load_json("memory")
     if mem:
         rows.append(

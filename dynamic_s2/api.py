@@ -186,7 +186,7 @@ def _run(
     chunk, multiple = check_chunking(opts.max_batch_tiles, opts.pad_to_multiple)
 
     def combine(features: torch.Tensor, part: Sequence[TilePlan]) -> MultiScaleFeatures:
-        return _merge(features, part, out_index, opts.resample, opts.num_prefix_tokens)
+        return _merge(features, part, out_index, opts.resample, opts.num_prefix_tokens, opts.pack)
 
     if chunk is None:  # everything in one backbone call
         return combine(_encode(backbone, tiles(0, len(plans)), None, multiple), plans)

@@ -471,6 +471,7 @@ def merge(
     output_scale: int = -1,
     resample: str = "area",
     num_prefix_tokens: int | None = None,
+    pack: int | None = None,
 ) -> MultiScaleFeatures:
     """Merge per-tile backbone features into one multi-scale map per image.
 
@@ -483,9 +484,14 @@ def merge(
             NVILA's choice) by default, 0 reproduces the S2 paper.
         resample: ``"area"`` (exactly ``F.interpolate(mode="area")``) or ``"bilinear"``.
         num_prefix_tokens: number of prefix tokens (CLS, registers) of token features.
+        pack: when set to ``k``, every ``k × k`` block of each merged map (zero-padded at the
+            bottom and right) becomes one cell of ``k²·S·C`` channels, blocks row-major, as
+            NVILA's projector packs tokens; merge and packing run as one pass that writes each
+            output element once. ``sizes`` are then the packed grids; ``prefix`` keeps ``S·C``.
 
     Returns:
-        :class:`MultiScaleFeatures` with ``C_total = S·C`` channels, scales ascending.
+        :class:`MultiScaleFeatures` with ``C_total = S·C`` channels (``k²·S·C`` with ``pack``),
+        scales ascending.
 
     Examples:
         >>> from dynamic_s2 import plan_tiles
@@ -494,6 +500,8 @@ def merge(
         >>> out = merge(feats, plans)
         >>> out.features.shape, out.prefix.shape, out.sizes
         (torch.Size([2, 16, 12, 16]), torch.Size([2, 1, 16]), [(8, 12), (16, 8)])
+        >>> merge(feats, plans, pack=2).sizes
+        [(4, 6), (8, 4)]
     """
     plan_list = check_plan_list(plans)
     if resample not in RESAMPLE_MODES:
@@ -507,7 +515,8 @@ def merge(
             f"total), got shape {tuple(tile_features.shape)}"
         )
     out_index = plan_list[0].scale_index(output_scale, "output_scale")
-    return _merge(tile_features, plan_list, out_index, resample, num_prefix_tokens)
+    pack = _checks.optional(_checks.positive_int, "pack", pack)
+    return _merge(tile_features, plan_list, out_index, resample, num_prefix_tokens, pack)
 
 
 def _merge(
@@ -516,6 +525,7 @@ def _merge(
     out_index: int,
     resample: str,
     num_prefix_tokens: int | None,
+    pack: int | None = None,
 ) -> MultiScaleFeatures:
     """:func:`merge` on checked arguments (the chain calls this directly)."""
     prefix, maps = split_prefix(tile_features, num_prefix_tokens)
@@ -524,9 +534,29 @@ def _merge(
             f"square tiles must give square feature maps, got {maps.shape[1]}x{maps.shape[2]} "
             f"per tile (tile_features shape {tuple(tile_features.shape)})"
         )
+    if pack is not None:
+        return _merge_packed(maps, prefix, plan_list, out_index, resample, pack)
     layouts = plan_layouts(plan_list, maps.shape[1])
     num_scales = len(plan_list[0].scales)
     out_sizes = [row[out_index].valid for row in layouts]
     tokens = stitch_resample([maps] * num_scales, layouts, out_sizes, resample=resample)
     merged_prefix = None if prefix is None else mean_prefix([prefix] * num_scales, layouts)
     return MultiScaleFeatures(tokens, out_sizes, plan_list, merged_prefix)
+
+
+def _merge_packed(
+    maps: torch.Tensor,
+    prefix: torch.Tensor | None,
+    plans: Sequence[TilePlan],
+    out_index: int,
+    resample: str,
+    pack: int,
+) -> MultiScaleFeatures:
+    """``merge(..., pack=k)``: the fused merge-and-pack of :mod:`dynamic_s2._fused`."""
+    from ._fused import pack_maps  # _fused builds on this module
+
+    tokens, sizes = pack_maps(maps, list(plans), out_index, pack, resample)
+    num_scales = len(plans[0].scales)
+    layouts = plan_layouts(plans, maps.shape[1]) if prefix is not None else []
+    merged_prefix = None if prefix is None else mean_prefix([prefix] * num_scales, layouts)
+    return MultiScaleFeatures(tokens, sizes, plans, merged_prefix)

@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import _checks
+from ._fused import cu_seqlens, pack_maps
 from ._optional import require
 from .api import prepare
-from .merge import merge
+from .merge import check_plan_list, merge, split_prefix
 from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import TileBatch, tile_pil
 
@@ -69,6 +70,7 @@ __all__ = [
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "NvilaTiles",
+    "merge_and_pack",
     "merge_features",
     "num_tokens",
     "pack_tokens",
@@ -219,6 +221,13 @@ class NvilaTiles(TileBatch):
     def __iter__(self) -> Iterator[Any]:
         yield self.tiles
         yield self.block_sizes[0] if self.single else self.block_sizes
+
+    def __getitem__(self, index: int) -> Any:
+        """``(tiles, block_size[s])[index]``, as the tuple these functions returned before."""
+        return tuple(self)[index]
+
+    def __len__(self) -> int:
+        return 2
 
 
 # ---------------------------------------------------------------------------------- preprocess
@@ -603,3 +612,41 @@ def num_tokens(
     else:
         rows, cols = _checks.int_pair("block_size", block_size)
     return -(-rows * n // f) * -(-cols * n // f)
+
+
+def merge_and_pack(
+    tile_features: torch.Tensor,
+    plans: Sequence[TilePlan],
+    *,
+    factor: int = 2,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_features` then :func:`pack_tokens_batch`, fused: one pass, each token once.
+
+    Args:
+        tile_features: ``[T, N, C]`` tokens (``N`` square, no prefix) or ``[T, C, h, h]`` maps,
+            any strides (HF's channel-major ``hidden_states`` too), tiles in plan order.
+        plans: the ``policy="nvila"`` plan of every image (:func:`dynamic_s2.plan_tiles`).
+        factor: the packing block side (NVILA: 2).
+        out: a contiguous ``[Σ tokens, factor²·S·C]`` buffer to write into (e.g. reused across
+            steps); not with autograd.
+
+    Returns:
+        ``(tokens, cu_seqlens int32 [B + 1])``, equal to ``pack_tokens_batch(merge_features(...))``;
+        half precision is summed in float32. Gradients flow to ``tile_features``.
+
+    Examples:
+        >>> from dynamic_s2 import plan_tiles
+        >>> plans = [plan_tiles(60, 100, (32, 64, 96), policy="nvila")]
+        >>> tokens, cu = merge_and_pack(torch.randn(17, 16, 8), plans)
+        >>> tokens.shape, cu.tolist()
+        (torch.Size([48, 96]), [0, 48])
+    """
+    plan_list = check_plan_list(plans)
+    total = sum(p.num_tiles for p in plan_list)
+    if not isinstance(tile_features, torch.Tensor) or tile_features.shape[0] != total:
+        got = getattr(tile_features, "shape", type(tile_features).__name__)
+        raise ValueError(f"tile_features must be a tensor of {total} tiles (the plans'), got {got}")
+    _, maps = split_prefix(tile_features, 0)
+    tokens, sizes = pack_maps(maps, plan_list, -1, _checks.positive_int("factor", factor), out=out)
+    return tokens, cu_seqlens(sizes, tokens.device)

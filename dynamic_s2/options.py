@@ -119,6 +119,9 @@ class S2Options:
         resample: ``"area"`` or ``"bilinear"``.
         num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
             inferred.
+        pack: pack every ``k × k`` block of the merged map into one token of ``k²·C_total``
+            channels, in the same pass as the merge (NVILA's projector input; see
+            :func:`~dynamic_s2.merge.merge`).
 
     Examples:
         >>> S2Options(scales=[224, 448], mean=0.5).scales
@@ -181,6 +184,10 @@ class S2Options:
     num_prefix_tokens: int | None = _option(
         None, "merge", "prefix tokens (CLS, registers) of the backbone's token output"
     )
+    pack: int | None = _option(
+        None, "merge", "pack every k x k block of the merged map into one token (NVILA: 2)",
+        metavar="K",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -229,7 +236,7 @@ class S2Options:
 
         Examples:
             >>> S2Options(scales=(32,)).stage("merge")
-            {'output_scale': -1, 'resample': 'area', 'num_prefix_tokens': None}
+            {'output_scale': -1, 'resample': 'area', 'num_prefix_tokens': None, 'pack': None}
         """
         return {
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] in stages
@@ -278,6 +285,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "output_scale": _check_int,
     "resample": lambda name, v: _checks.one_of(name, v, RESAMPLE_MODES),
     "num_prefix_tokens": lambda name, v: _checks.optional(_checks.non_negative_int, name, v),
+    "pack": lambda name, v: _checks.optional(_checks.positive_int, name, v),
 }
 
 
