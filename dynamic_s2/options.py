@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _checks
-from .backbones import Backbone
+from .backbones import Backbone, check_feature_layer
 from .encode import check_chunking
 from .merge import RESAMPLE_MODES
 from .plan import FITS, POLICIES, Fit, Policy, check_scales, check_settings
@@ -107,7 +107,9 @@ class S2Options:
         mean: normalisation of uint8 images, one number or one per channel.
         std: normalisation of uint8 images, one number or one per channel.
         uint8_resize: resize uint8 images in uint8 (see :func:`~dynamic_s2.tiling.tile_images`).
-        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer.
+        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer; a
+            sequence of indices concatenates those layers on channels, in the order given (timm
+            models: ``forward_intermediates``).
         max_batch_tiles: the most tiles per backbone call.
         pad_to_multiple: pad the last chunk to a multiple of this many tiles.
         output_scale: the scale whose grid all scales are resampled to (-1: the largest).
@@ -150,9 +152,10 @@ class S2Options:
         False, "tile", "resize uint8 images in uint8 (faster, rounds before normalising)",
         parse=None, metavar=None,
     )  # fmt: skip
-    feature_layer: int | None = _option(
-        None, "encode", "HF models: use hidden_states[N] instead of the last layer (NVILA: -2)"
-    )
+    feature_layer: int | tuple[int, ...] | None = _option(
+        None, "encode", "use hidden_states[N] instead of the last layer (NVILA: -2); several "
+        "layers N,M,... are concatenated on channels", parse=_one_or_many, metavar="N[,N...]",
+    )  # fmt: skip
     max_batch_tiles: int | None = _option(
         None, "encode", "most tiles per backbone call (default: all at once)", config=False
     )
@@ -260,7 +263,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "mean": _checks.stats,
     "std": _checks.stats,
     "uint8_resize": _checks.boolean,
-    "feature_layer": lambda name, v: _checks.optional(_check_int, name, v),
+    "feature_layer": lambda name, v: check_feature_layer(v, name),
     "output_scale": _check_int,
     "resample": lambda name, v: _checks.one_of(name, v, RESAMPLE_MODES),
     "num_prefix_tokens": lambda name, v: _checks.optional(_checks.non_negative_int, name, v),
