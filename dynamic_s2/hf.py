@@ -209,6 +209,7 @@ class DynamicS2ImageProcessor(transformers.BaseImageProcessor):  # type: ignore[
                 _checks.stats(name, getattr(opts, name), 3)  # images are RGB
         if opts.scales is None:
             raise ValueError(f"{where}: scales must be given, e.g. scales=(448, 896, 1344)")
+        plan_tiles(opts.scales[0], opts.scales[0], **opts.stage("plan"))  # policy-specific checks
         return opts
 
     def options(self, **overrides: Any) -> S2Options:
