@@ -130,9 +130,7 @@ def _is_hf(model: Any) -> bool:
     )
 
 
-def check_feature_layer(
-    value: Any, name: str = "feature_layer"
-) -> int | tuple[int, ...] | None:
+def check_feature_layer(value: Any, name: str = "feature_layer") -> int | tuple[int, ...] | None:
     """``None``, one layer index, or a non-empty sequence of them (returned as a tuple).
 
     Examples:
@@ -207,7 +205,9 @@ def _timm_intermediates(layers: tuple[int, ...]) -> Callable[[Any], Callable[...
 
     def bind(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(tiles: torch.Tensor) -> torch.Tensor:
-            maps = module.forward_intermediates(tiles, indices=list(layers), intermediates_only=True)
+            maps = module.forward_intermediates(
+                tiles, indices=list(layers), intermediates_only=True
+            )
             return _cat_layers(maps, layers)
 
         return fn
@@ -221,7 +221,10 @@ def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None
     mean, std = cfg.get("mean"), cfg.get("std")
     # pretrained_cfg keeps the pretrained size when a model is built with img_size=...
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size")
-    bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] = lambda m: m.forward_features
+
+    def bind(m: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return m.forward_features
+
     if feature_layer is not None:
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(
@@ -230,7 +233,7 @@ def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None
             )
         # [n, C, h, w] maps of the chosen blocks, prefix tokens dropped by timm
         layers = (feature_layer,) if isinstance(feature_layer, int) else feature_layer
-        bind, prefix = _timm_intermediates(layers), None
+        bind, prefix = _timm_intermediates(layers), None  # type: ignore[assignment]
     return Backbone(
         bind(model),
         input_size=_int_size(size),

@@ -22,10 +22,10 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from .options import S2Options, stage_fields
 from .plan import TilePlan, plan_tiles
 
 transformers = require("transformers", "hf")
+_BaseImageProcessor: Any = transformers.BaseImageProcessor
+_PretrainedConfig: Any = transformers.PretrainedConfig
 
 __all__ = ["OPTION_NAMES", "DynamicS2ImageProcessor", "register_auto_class"]
 
@@ -99,7 +101,7 @@ def _normalised_floats(items: list[torch.Tensor], opts: S2Options) -> list[torch
     return out
 
 
-class DynamicS2ImageProcessor(transformers.BaseImageProcessor):  # type: ignore[misc]
+class DynamicS2ImageProcessor(_BaseImageProcessor):
     """A transformers image processor that plans and tiles images for Dynamic-S2.
 
     ``processor(images)`` plans every image (:func:`~dynamic_s2.plan.plan_tiles`) and cuts all
@@ -144,7 +146,7 @@ class DynamicS2ImageProcessor(transformers.BaseImageProcessor):  # type: ignore[
         TypeError: DynamicS2ImageProcessor() got unknown options ['tile_sise']; known: [...]
     """
 
-    model_input_names = ["pixel_values", "num_patches", "image_sizes", "plans"]
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "num_patches", "image_sizes", "plans"]
     valid_kwargs = DynamicS2ImagesKwargs
 
     # Defaults; every other option defaults to its S2Options default (set below the class).
@@ -224,7 +226,7 @@ class DynamicS2ImageProcessor(transformers.BaseImageProcessor):  # type: ignore[
         """
         return self._options(overrides, where="options()")
 
-    def preprocess(  # type: ignore[override]
+    def preprocess(
         self, images: Any, return_tensors: str | None = "pt", **kwargs: Any
     ) -> Any:
         """Plan and tile ``images``: one image or a list (see the class docstring).
@@ -249,7 +251,8 @@ class DynamicS2ImageProcessor(transformers.BaseImageProcessor):  # type: ignore[
         if all(x.dtype == torch.uint8 for x in items):
             batch = prepare(items, options=opts)
         else:
-            batch = prepare(_normalised_floats(items, opts), options=opts.replace(mean=None, std=None))
+            floats = _normalised_floats(items, opts)
+            batch = prepare(floats, options=opts.replace(mean=None, std=None))
         data = {
             "pixel_values": batch.tiles,
             "num_patches": torch.tensor(batch.tile_counts, dtype=torch.int64),
@@ -345,7 +348,7 @@ for _field in fields(S2Options):
         setattr(DynamicS2ImageProcessor, _name, _field.default)
 
 
-class DynamicS2Config(transformers.PretrainedConfig):  # type: ignore[misc]
+class DynamicS2Config(_PretrainedConfig):
     """A placeholder transformers config that :func:`register_auto_class` registers the processor
     under, when no model config class is given.
 

@@ -1,4 +1,4 @@
-"""Several backbone layers at once (``feature_layer`` as a sequence) and one pooled vector per image.
+"""Several backbone layers at once (``feature_layer`` as a sequence), one pooled vector per image.
 
 Multi-layer features are checked against the model's own ``hidden_states`` (HF) or
 ``forward_intermediates`` (timm: a stand-in with timm's interface here, the real thing where timm
