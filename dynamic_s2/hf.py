@@ -226,9 +226,7 @@ class DynamicS2ImageProcessor(_BaseImageProcessor):
         """
         return self._options(overrides, where="options()")
 
-    def preprocess(
-        self, images: Any, return_tensors: str | None = "pt", **kwargs: Any
-    ) -> Any:
+    def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> Any:
         """Plan and tile ``images``: one image or a list (see the class docstring).
 
         Args:
