@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynamic_s2
-from dynamic_s2 import Backbone, DynamicS2, TileBatch, forward, nvila, plan_tiles, run
+from dynamic_s2 import Backbone, DynamicS2, S2Options, TileBatch, forward, nvila, plan_tiles, run
+from dynamic_s2.options import stage_fields
 
 transformers = pytest.importorskip("transformers")
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -65,6 +67,15 @@ def _assert_same(a: dynamic_s2.MultiScaleFeatures, b: dynamic_s2.MultiScaleFeatu
 
 
 # ------------------------------------------------------------------------------ the output
+
+
+def test_options_are_the_plan_and_tile_fields_of_s2options() -> None:
+    assert sorted(OPTION_NAMES.values()) == sorted(stage_fields("plan", "tile"))
+    assert OPTION_NAMES["image_mean"] == "mean" and OPTION_NAMES["image_std"] == "std"
+    defaults = {f.name: f.default for f in fields(S2Options)}
+    for name, field in OPTION_NAMES.items():  # every option has a class default
+        if name not in ("scales", "image_mean", "image_std"):
+            assert getattr(DynamicS2ImageProcessor, name) == defaults[field]
 
 
 def test_output_is_prepare_of_the_same_images() -> None:
