@@ -42,7 +42,7 @@ transformers = require("transformers", "hf")
 _BaseImageProcessor: Any = transformers.BaseImageProcessor
 _PretrainedConfig: Any = transformers.PretrainedConfig
 
-__all__ = ["OPTION_NAMES", "DynamicS2ImageProcessor", "register_auto_class"]
+__all__ = ["OPTION_NAMES", "DynamicS2Config", "DynamicS2ImageProcessor", "register_auto_class"]
 
 #: S2Options fields whose transformers name differs.
 _HF_NAMES = {"mean": "image_mean", "std": "image_std"}
