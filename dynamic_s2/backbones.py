@@ -200,6 +200,11 @@ def _hf_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None) 
     )
 
 
+def _timm_features(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``bind`` for timm's ``forward_features``."""
+    return module.forward_features
+
+
 def _timm_intermediates(layers: tuple[int, ...]) -> Callable[[Any], Callable[..., torch.Tensor]]:
     """``bind`` for timm's ``forward_intermediates``: the maps of blocks ``layers``, on channels."""
 
@@ -221,10 +226,7 @@ def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None
     mean, std = cfg.get("mean"), cfg.get("std")
     # pretrained_cfg keeps the pretrained size when a model is built with img_size=...
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size")
-
-    def bind(m: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        return m.forward_features
-
+    bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] = _timm_features
     if feature_layer is not None:
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(
@@ -233,7 +235,7 @@ def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None
             )
         # [n, C, h, w] maps of the chosen blocks, prefix tokens dropped by timm
         layers = (feature_layer,) if isinstance(feature_layer, int) else feature_layer
-        bind, prefix = _timm_intermediates(layers), None  # type: ignore[assignment]
+        bind, prefix = _timm_intermediates(layers), None
     return Backbone(
         bind(model),
         input_size=_int_size(size),
