@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
-from .budget import plan_batch
 from .encode import _encode, check_chunking
 from .merge import MultiScaleFeatures, _merge
 from .options import S2Options, default_scales, make_options
-from .plan import TilePlan, plan_tiles
+from .plan import TilePlan
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
 __all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
@@ -41,17 +40,7 @@ def _plans(
 ) -> tuple[TilePlan, ...]:
     """The plan of every image: made from the options, or ``plans`` checked against them."""
     if plans is None:
-        if opts.scales is None:
-            raise ValueError(
-                "scales must be given (or a model to take them from), got None: pass "
-                "scales=, e.g. scales=(448, 896, 1344)"
-            )
-        settings = opts.stage("plan")
-        scales, budget = settings.pop("scales"), settings.pop("tile_budget")
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in items]
-        if budget is not None:
-            return tuple(plan_batch(sizes, scales, tile_budget=budget, **settings))
-        return tuple(plan_tiles(h, w, scales, **settings) for h, w in sizes)
+        return tuple(opts.plan([(int(img.shape[-2]), int(img.shape[-1])) for img in items]))
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
         made = {
@@ -131,7 +120,7 @@ def prepare(
 
 def run(
     model: Any,
-    batch: TileBatch,
+    batch: TileBatch | Mapping[str, Any],
     *,
     options: S2Options | None = None,
     **kwargs: Any,
@@ -143,7 +132,8 @@ def run(
 
     Args:
         model: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
-        batch: a :class:`~dynamic_s2.tiling.TileBatch` from :func:`prepare`, on the model's device.
+        batch: a :class:`~dynamic_s2.tiling.TileBatch` from :func:`prepare`, on the model's device,
+            or the ``BatchFeature`` of :class:`~dynamic_s2.hf.DynamicS2ImageProcessor`.
         options: an :class:`~dynamic_s2.options.S2Options`; only its encode and merge fields are
             read.
         **kwargs: encode and merge fields of :class:`~dynamic_s2.options.S2Options`
@@ -160,6 +150,8 @@ def run(
         [(8, 12)]
     """
     opts = make_options(options, kwargs, where="run()", stages=("encode", "merge"))
+    if isinstance(batch, Mapping):  # a BatchFeature from dynamic_s2.hf.DynamicS2ImageProcessor
+        batch = TileBatch.from_features(batch)
     if not isinstance(batch, TileBatch):
         raise TypeError(f"batch must be a TileBatch (from prepare), got {type(batch).__name__}")
     tiles = batch.tiles
@@ -352,12 +344,19 @@ class DynamicS2(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor | Sequence[torch.Tensor],
+        images: torch.Tensor | Sequence[torch.Tensor] | TileBatch | Mapping[str, Any],
         plans: Sequence[TilePlan] | None = None,
     ) -> MultiScaleFeatures:
-        """Run :func:`forward` on ``images`` (and optional ``plans``)."""
+        """Run :func:`forward` on ``images`` (and optional ``plans``).
+
+        ``images`` may also be a prepared batch: a :class:`~dynamic_s2.tiling.TileBatch` or the
+        ``BatchFeature`` of :class:`~dynamic_s2.hf.DynamicS2ImageProcessor`, which is then
+        encoded and merged as :func:`run` does (its plans decide the tiles).
+        """
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
             self.adapter = self.adapter.with_module(self.backbone)
+        if isinstance(images, TileBatch | Mapping) and plans is None:
+            return run(self.adapter, images, options=self.options)
         return _forward(self.adapter, check_images(images), plans, self.options, self._fixed)
 
     def compile_backbone(self, **options: Any) -> DynamicS2:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _checks
 from ._optional import require
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "as_backbone", "load_backbone"]
@@ -129,7 +130,47 @@ def _is_hf(model: Any) -> bool:
     )
 
 
-def _hf_backbone(model: nn.Module, feature_layer: int | None) -> Backbone:
+def check_feature_layer(value: Any, name: str = "feature_layer") -> int | tuple[int, ...] | None:
+    """``None``, one layer index, or a non-empty sequence of them (returned as a tuple).
+
+    Examples:
+        >>> check_feature_layer([-4, -3]), check_feature_layer(-2)
+        ((-4, -3), -2)
+        >>> check_feature_layer([])
+        Traceback (most recent call last):
+            ...
+        ValueError: feature_layer must be an int or a non-empty sequence of ints, got []
+    """
+    if value is None or _checks.is_int(value):
+        return None if value is None else int(value)
+    if not _checks.is_sequence(value):
+        raise TypeError(
+            f"{name} must be an int, a sequence of ints or None, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if len(value) == 0 or not all(_checks.is_int(v) for v in value):
+        raise ValueError(f"{name} must be an int or a non-empty sequence of ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _cat_layers(layers: Sequence[torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
+    """Several layers' outputs, concatenated on channels (last dim of tokens, dim 1 of maps)."""
+    first = layers[0]
+    dim = 1 if first.dim() == 4 else first.dim() - 1
+
+    def others(x: torch.Tensor) -> tuple[int, ...]:
+        return (x.dim(), *x.shape[:dim], *x.shape[dim + 1 :])
+
+    for i, layer in zip(indices, layers, strict=True):
+        if others(layer) != others(first):
+            raise ValueError(
+                f"feature_layer: layer {i} has shape {tuple(layer.shape)} but layer {indices[0]} "
+                f"has {tuple(first.shape)}: concatenated layers may differ in channels only"
+            )
+    return torch.cat(list(layers), dim=dim)
+
+
+def _hf_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None) -> Backbone:
     config: Any = model.config  # type: ignore[attr-defined]
     model_type = str(getattr(config, "model_type", ""))
     prefix, mean, std = _HF_FAMILIES.get(model_type, (None, None, None))  # type: ignore[arg-type]
@@ -141,7 +182,9 @@ def _hf_backbone(model: nn.Module, feature_layer: int | None) -> Backbone:
             if feature_layer is None:
                 return module(pixel_values=tiles).last_hidden_state
             out = module(pixel_values=tiles, output_hidden_states=True)
-            return out.hidden_states[feature_layer]
+            if isinstance(feature_layer, int):
+                return out.hidden_states[feature_layer]
+            return _cat_layers([out.hidden_states[i] for i in feature_layer], feature_layer)
 
         return fn
 
@@ -157,21 +200,51 @@ def _hf_backbone(model: nn.Module, feature_layer: int | None) -> Backbone:
     )
 
 
-def _timm_backbone(model: nn.Module) -> Backbone:
+def _timm_features(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``bind`` for timm's ``forward_features``."""
+    return module.forward_features
+
+
+def _timm_intermediates(layers: tuple[int, ...]) -> Callable[[Any], Callable[..., torch.Tensor]]:
+    """``bind`` for timm's ``forward_intermediates``: the maps of blocks ``layers``, on channels."""
+
+    def bind(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(tiles: torch.Tensor) -> torch.Tensor:
+            maps = module.forward_intermediates(
+                tiles, indices=list(layers), intermediates_only=True
+            )
+            return _cat_layers(maps, layers)
+
+        return fn
+
+    return bind
+
+
+def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None) -> Backbone:
     cfg: Any = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     prefix = getattr(model, "num_prefix_tokens", None)
     mean, std = cfg.get("mean"), cfg.get("std")
     # pretrained_cfg keeps the pretrained size when a model is built with img_size=...
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size")
+    bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] = _timm_features
+    if feature_layer is not None:
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(
+                f"feature_layer={feature_layer!r} needs a timm model with forward_intermediates, "
+                f"got {type(model).__name__}"
+            )
+        # [n, C, h, w] maps of the chosen blocks, prefix tokens dropped by timm
+        layers = (feature_layer,) if isinstance(feature_layer, int) else feature_layer
+        bind, prefix = _timm_intermediates(layers), None
     return Backbone(
-        model.forward_features,  # type: ignore[arg-type]
+        bind(model),
         input_size=_int_size(size),
         num_prefix_tokens=int(prefix) if prefix is not None else None,
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
         module=model,
         name=f"timm:{type(model).__name__}",
-        bind=lambda m: m.forward_features,
+        bind=bind,
     )
 
 
@@ -192,7 +265,7 @@ def _torchvision_trunk(model: nn.Module) -> nn.Module:
 def as_backbone(
     model: Any,
     *,
-    feature_layer: int | None = None,
+    feature_layer: int | Sequence[int] | None = None,
     num_prefix_tokens: int | None = None,
 ) -> Backbone:
     """Wrap ``model`` in a :class:`Backbone`, detecting its family.
@@ -200,8 +273,12 @@ def as_backbone(
     Args:
         model: an HF vision model, a timm model, a torchvision classifier, a model with an
             ``extract_features`` method (EfficientNet), any callable, or a :class:`Backbone`.
-        feature_layer: HF models only: use ``hidden_states[feature_layer]`` (e.g. -2, NVILA's
-            penultimate layer) instead of ``last_hidden_state``.
+        feature_layer: HF models: use ``hidden_states[feature_layer]`` (e.g. -2, NVILA's
+            penultimate layer) instead of ``last_hidden_state``; a sequence of indices
+            concatenates those layers on channels, in the order given (``[n, N, C·k]``). timm
+            models: the maps of those blocks from ``forward_intermediates`` (timm's block
+            indices; negative ones count from the end, as for HF), concatenated on channels, with
+            no prefix tokens.
         num_prefix_tokens: override the detected prefix token count.
 
     Returns:
@@ -219,10 +296,7 @@ def as_backbone(
         >>> bb.input_size, bb.num_prefix_tokens, bb(torch.rand(2, 3, 32, 32)).shape
         (32, 1, torch.Size([2, 17, 16]))
     """
-    if feature_layer is not None and (
-        isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
-    ):
-        raise TypeError(f"feature_layer must be an int or None, got {feature_layer!r}")
+    feature_layer = check_feature_layer(feature_layer)
     if isinstance(model, Backbone):
         backbone = model
     elif not callable(model):
@@ -232,7 +306,7 @@ def as_backbone(
     elif _is_hf(getattr(model, "vision_model", None)):  # a dual model (CLIPModel, SiglipModel)
         backbone = _hf_backbone(model.vision_model, feature_layer)
     elif isinstance(model, nn.Module) and hasattr(model, "forward_features"):
-        backbone = _timm_backbone(model)
+        backbone = _timm_backbone(model, feature_layer)
     elif hasattr(model, "extract_features"):
         module = model if isinstance(model, nn.Module) else None
         size = _int_size(getattr(getattr(model, "_global_params", None), "image_size", None))
@@ -255,11 +329,11 @@ def as_backbone(
     if (
         feature_layer is not None
         and not isinstance(model, Backbone)
-        and not backbone.name.startswith("hf:")
+        and not backbone.name.startswith(("hf:", "timm:"))
     ):
         raise ValueError(
-            f"feature_layer={feature_layer} is only supported for HF transformers models, "
-            f"got {type(model).__name__}"
+            f"feature_layer={feature_layer} is only supported for HF transformers and timm "
+            f"models, got {type(model).__name__}"
         )
     if num_prefix_tokens is not None:
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):

@@ -19,8 +19,7 @@ from typing import Any
 
 from . import options
 from ._optional import require
-from .budget import plan_batch
-from .plan import TilePlan, plan_tiles
+from .plan import TilePlan
 
 __all__ = ["main"]
 
@@ -135,12 +134,8 @@ def _make_plans(sizes: Sequence[tuple[int, int]], opts: options.S2Options) -> li
     """The plans of images of ``sizes`` (planned together under ``--tile-budget``)."""
     if opts.scales is None:
         raise _UsageError("--scales is required, e.g. --scales 448,896,1344")
-    settings = opts.stage("plan")
-    scales, budget = settings.pop("scales"), settings.pop("tile_budget")
     try:
-        if budget is not None:
-            return plan_batch(sizes, scales, tile_budget=budget, **settings)
-        return [plan_tiles(h, w, scales, **settings) for h, w in sizes]
+        return opts.plan(sizes)
     except (ValueError, TypeError) as exc:
         raise _UsageError(str(exc)) from exc
 

@@ -7,7 +7,7 @@ blank tiles (their outputs are dropped), so a compiled or CUDA-graphed backbone 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ def encode_tiles(
     *,
     max_batch_tiles: int | None = None,
     pad_to_multiple: int | None = None,
-    feature_layer: int | None = None,
+    feature_layer: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run ``model`` over ``[T, C, t, t]`` tiles in chunks of at most ``max_batch_tiles``.
 
@@ -74,7 +74,8 @@ def encode_tiles(
         pad_to_multiple: pad the last chunk with zero tiles up to a multiple of this (at most
             ``max_batch_tiles``) and drop their outputs.
         feature_layer: for HF models, take ``hidden_states[feature_layer]`` instead of the last
-            hidden state (NVILA uses -2).
+            hidden state (NVILA uses -2); several indices concatenate those layers on channels
+            (see :func:`~dynamic_s2.backbones.as_backbone`, which also covers timm).
 
     Works under ``torch.no_grad``, ``inference_mode``, autocast, and with gradients.
 

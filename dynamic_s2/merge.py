@@ -133,6 +133,41 @@ class MultiScaleFeatures:
             for chunk, (h, w) in zip(self.tokens.split(counts), self.sizes, strict=True)
         ]
 
+    def pooled(self, include_prefix: bool = False) -> torch.Tensor:
+        """One vector per image: the mean over its valid cells, ``[B, C_total]``.
+
+        The padded cells of :attr:`features` are not counted: image ``i``'s row equals
+        ``unpad()[i].mean(dim=(0, 1))``. With ``include_prefix=True`` the ``P`` prefix tokens
+        (:attr:`prefix`) count as ``P`` more cells: the mean runs over the ``h_i·w_i`` cells and
+        the ``P`` prefix tokens together, each weighted equally. Summed in float32 (float64 stays
+        float64), returned in the features' dtype; one scatter for the whole batch.
+
+        Raises:
+            ValueError: ``include_prefix=True`` but the features have no prefix tokens.
+
+        Examples:
+            >>> feats = MultiScaleFeatures(torch.arange(6.).view(6, 1), [(1, 2), (2, 2)])
+            >>> feats.pooled().flatten().tolist()
+            [0.5, 3.5]
+            >>> with_cls = MultiScaleFeatures(feats.tokens, feats.sizes, prefix=torch.ones(2, 1, 1))
+            >>> with_cls.pooled(include_prefix=True).flatten()  # (0 + 1 + 1) / 3, (2+3+4+5+1) / 5
+            tensor([0.6667, 3.0000])
+        """
+        _checks.boolean("include_prefix", include_prefix)
+        if include_prefix and self.prefix is None:
+            raise ValueError("include_prefix=True, but these features have no prefix tokens")
+        device = self.tokens.device
+        compute = torch.float64 if self.tokens.dtype == torch.float64 else torch.float32
+        counts = np.array([h * w for h, w in self.sizes], dtype=np.int64)
+        segment = torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(device)
+        total = torch.zeros((len(counts), self.channels), dtype=compute, device=device)
+        total = total.index_add(0, segment, self.tokens.to(compute))
+        count = torch.from_numpy(counts).to(device, compute)
+        if include_prefix and self.prefix is not None:
+            total = total + self.prefix.to(compute).sum(dim=1)
+            count = count + self.prefix.shape[1]
+        return (total / count[:, None]).to(self.tokens.dtype)
+
     @cached_property
     def _padded_index(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
         hmax = max(h for h, _ in self.sizes)

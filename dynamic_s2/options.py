@@ -22,15 +22,16 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _checks
-from .backbones import Backbone
+from .backbones import Backbone, check_feature_layer
+from .budget import plan_batch
 from .encode import check_chunking
 from .merge import RESAMPLE_MODES
-from .plan import FITS, POLICIES, Fit, Policy, check_scales, check_settings
+from .plan import FITS, POLICIES, Fit, Policy, TilePlan, check_scales, check_settings, plan_tiles
 
 __all__ = ["STAGES", "S2Options", "default_scales", "make_options", "stage_fields"]
 
@@ -112,7 +113,9 @@ class S2Options:
         mean: normalisation of uint8 images, one number or one per channel.
         std: normalisation of uint8 images, one number or one per channel.
         uint8_resize: resize uint8 images in uint8 (see :func:`~dynamic_s2.tiling.tile_images`).
-        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer.
+        feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer; a
+            sequence of indices concatenates those layers on channels, in the order given (timm
+            models: ``forward_intermediates``).
         max_batch_tiles: the most tiles per backbone call.
         pad_to_multiple: pad the last chunk to a multiple of this many tiles.
         output_scale: the scale whose grid all scales are resampled to (-1: the largest).
@@ -165,9 +168,10 @@ class S2Options:
         False, "tile", "resize uint8 images in uint8 (faster, rounds before normalising)",
         parse=None, metavar=None,
     )  # fmt: skip
-    feature_layer: int | None = _option(
-        None, "encode", "HF models: use hidden_states[N] instead of the last layer (NVILA: -2)"
-    )
+    feature_layer: int | tuple[int, ...] | None = _option(
+        None, "encode", "use hidden_states[N] instead of the last layer (NVILA: -2); several "
+        "layers N,M,... are concatenated on channels", parse=_one_or_many, metavar="N[,N...]",
+    )  # fmt: skip
     max_batch_tiles: int | None = _option(
         None, "encode", "most tiles per backbone call (default: all at once)", config=False
     )
@@ -231,6 +235,25 @@ class S2Options:
                 changes[name] = getattr(backbone, name)
         return dataclasses.replace(self, **changes) if changes else self
 
+    def plan(self, sizes: Sequence[tuple[int, int]]) -> list[TilePlan]:
+        """The plans of images of ``sizes`` ``(h, w)``: each on its own, or, with
+        ``tile_budget``, the batch as a whole (:func:`~dynamic_s2.budget.plan_batch`).
+
+        Examples:
+            >>> [p.grids for p in S2Options(scales=(32, 64)).plan([(32, 64)])]
+            [((1, 2), (2, 4))]
+        """
+        if self.scales is None:
+            raise ValueError(
+                "scales must be given (or a backbone that declares its input size), got None: "
+                "pass scales=, e.g. scales=(448, 896, 1344)"
+            )
+        settings = self.stage("plan")
+        scales, budget = settings.pop("scales"), settings.pop("tile_budget")
+        if budget is not None:
+            return plan_batch(sizes, scales, tile_budget=budget, **settings)
+        return [plan_tiles(h, w, scales, **settings) for h, w in sizes]
+
     def stage(self, *stages: str) -> dict[str, Any]:
         """The options read by ``stages``, as keyword arguments.
 
@@ -281,7 +304,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "mean": _checks.stats,
     "std": _checks.stats,
     "uint8_resize": _checks.boolean,
-    "feature_layer": lambda name, v: _checks.optional(_check_int, name, v),
+    "feature_layer": lambda name, v: check_feature_layer(v, name),
     "output_scale": _check_int,
     "resample": lambda name, v: _checks.one_of(name, v, RESAMPLE_MODES),
     "num_prefix_tokens": lambda name, v: _checks.optional(_checks.non_negative_int, name, v),

