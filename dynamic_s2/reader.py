@@ -86,7 +86,7 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
         >>> FeatureDataset(tempfile.mkdtemp())
         Traceback (most recent call last):
             ...
-        ValueError: out_dir must be an extraction folder (manifest.jsonl or parquet/*.parquet), got ...
+        ValueError: out_dir must be an extraction folder (manifest.jsonl or parquet/*.parquet), ...
     """
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
@@ -161,14 +161,14 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
         )
 
     def __repr__(self) -> str:
-        return f"FeatureDataset({os.fspath(self.out_dir)!r}, format={self.format!r}, len={len(self)})"
+        return f"FeatureDataset({os.fspath(self.out_dir)!r}, format={self.format!r}, n={len(self)})"
 
 
 def _parquet_index(files: list[Path]) -> dict[str, tuple[int, int]]:
     """Where the current row of every key is: the successful row of the highest run."""
     best: dict[str, tuple[int, int, int]] = {}  # key -> (run, file, row)
     for fi, (_, cols) in enumerate(parquet.read_columns(files, ["key", "run", "error"])):
-        for row, (key, run, error) in enumerate(zip(cols["key"], cols["run"], cols["error"])):
+        for row, (key, run, error) in enumerate(zip(*cols.values(), strict=True)):
             if error is None and (key not in best or run >= best[key][0]):
                 best[key] = (run, fi, row)
     return {key: (fi, row) for key, (_, fi, row) in best.items()}

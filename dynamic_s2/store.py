@@ -577,7 +577,6 @@ def merge_parts(out_dir: Path) -> None:
         _fsync_dir(out_dir)
 
 
-
 def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
     """Open any extraction folder, safetensors or Parquet, as a torch ``Dataset`` of
     :class:`~dynamic_s2.reader.FeatureItem` (see :class:`~dynamic_s2.reader.FeatureDataset`).
