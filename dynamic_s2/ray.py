@@ -277,8 +277,7 @@ def _run_job(
         with warnings.catch_warnings():
             # Ray >= 2.5x deprecates the catch-all **ray_remote_args, but the retry settings of
             # tasks and actors have no named parameter yet.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
-            warnings.filterwarnings("ignore", message=".*deprecated.*", module=r"ray\..*")
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
             ds = ray.data.from_items(jobs)
             ds = ds.map_batches(
                 tile_rows,
