@@ -293,7 +293,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         choices=("local", "ray"),
         default="local",
         help="local: this process (or torchrun ranks), safetensors shards (default); ray: Ray "
-        "Data, CPU tasks tile while GPU actors encode, Parquet in DIR/parquet (needs the ray extra)",
+        "Data: CPU tasks tile while GPU actors encode, Parquet in DIR/parquet (the ray extra)",
     )
     p.add_argument(
         "--address",

@@ -52,7 +52,7 @@ def _conv() -> torch.nn.Module:
 
 
 def _mixed_images(root: Path, count: int = 100) -> Path:
-    """``count`` small images of mixed sizes, aspect ratios, modes and formats, plus broken files."""
+    """``count`` small images of mixed sizes, shapes, modes and formats, plus broken files."""
     root.mkdir()
     rng = np.random.default_rng(0)
     modes = ("RGB", "L", "RGBA", "P")
@@ -181,7 +181,7 @@ def test_reader_indexing(killed_run: SimpleNamespace) -> None:
     assert data[-1].key == data.keys[-1] and data[3].key == data.keys[3]
     assert torch.equal(data[data.keys[5]].features, data[5].features)
     assert data.index(data.keys[7]) == 7
-    with pytest.raises(KeyError, match="broken.png"):
+    with pytest.raises(KeyError, match=r"broken\.png"):
         data[str(killed_run.generated / "broken.png")]
     with pytest.raises(IndexError):
         data[107]
