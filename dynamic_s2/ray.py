@@ -42,32 +42,21 @@ from . import _checks, parquet, store
 from ._optional import require
 from .api import prepare, run
 from .backbones import as_backbone, load_backbone
-from .extract import ExtractResult, find_images, read_image
+from .extract import ExtractResult, _dtype_name, _resolve_dtype, find_images, read_image
 from .options import S2Options, make_options
 from .plan import TilePlan
 from .tiling import TileBatch
 
 __all__ = ["Encoder", "RayExtractResult", "extract_ray", "tile_rows"]
 
-_DTYPES = ("float32", "float16", "bfloat16")
-#: Columns of the CPU stage's rows, next to the key columns.
-_TILE_COLUMNS = ("plan", "tiles", "tiles_shape", "error", "message")
-
 
 def _tile_schema() -> Any:
+    """The CPU stage's rows: the key columns, plan, tiles (raw float32) and error columns."""
     pa = require("pyarrow", "ray")
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("bytes", pa.int64()),
-            ("mtime_ns", pa.int64()),
-            ("plan", pa.string()),
-            ("tiles", pa.large_binary()),
-            ("tiles_shape", pa.list_(pa.int64())),
-            ("error", pa.string()),
-            ("message", pa.string()),
-        ]
-    )
+    rows = parquet.schema()
+    tiles = [pa.field("tiles", pa.large_binary()), pa.field("tiles_shape", pa.list_(pa.int64()))]
+    head = [rows.field(name) for name in ("key", "bytes", "mtime_ns", "plan")]
+    return pa.schema(head + tiles + [rows.field("error"), rows.field("message")])
 
 
 def tile_rows(batch: Any, *, options: S2Options) -> Any:
@@ -144,11 +133,11 @@ class Encoder:
         *,
         options: S2Options,
         device: str | torch.device | None = None,
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
         run_index: int = 0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, _checks.one_of("dtype", dtype, _DTYPES))
+        self.dtype = _resolve_dtype(dtype)
         compute = self.dtype if self.device.type == "cuda" else torch.float32
         if isinstance(backbone, str):
             self.model: Any = load_backbone(backbone, device=self.device, dtype=compute)
@@ -326,7 +315,7 @@ def extract_ray(
     concurrency: int = 1,
     num_gpus: float | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     retries: int = 3,
     address: str | None = None,
     overwrite: bool = False,
@@ -362,11 +351,11 @@ def extract_ray(
         A :class:`RayExtractResult`; ``failed_total > 0`` means some images failed.
 
     Raises:
-        ValueError, TypeError: invalid arguments, no images found, or ``out_dir`` holding
-            results of other settings (without ``overwrite``).
+        ValueError, TypeError: bad arguments, inputs without images, or an ``out_dir`` whose
+            ``extract.json`` holds other settings (unless ``overwrite``).
 
     Examples:
-        >>> import tempfile, os, torch
+        >>> import os, tempfile, torch
         >>> from PIL import Image
         >>> folder = tempfile.mkdtemp()
         >>> Image.new("RGB", (64, 32), "teal").save(os.path.join(folder, "a.png"))
@@ -380,17 +369,17 @@ def extract_ray(
     batch_images = _checks.positive_int("batch_images", batch_images)
     concurrency = _checks.positive_int("concurrency", concurrency)
     retries = _checks.non_negative_int("retries", retries)
-    _checks.one_of("dtype", dtype, _DTYPES)
+    dtype = _dtype_name(_resolve_dtype(dtype))
     overwrite = _checks.boolean("overwrite", overwrite)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
     opts = make_options(options, kwargs, where="extract_ray()")
     paths = find_images(inputs)
     if not paths:
-        raise ValueError(f"inputs: no image files found in {inputs!r}")
+        raise ValueError(f"inputs must name image files or folders holding some, got {inputs!r}")
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
+    if out.is_file():
+        raise ValueError(f"out_dir must be a folder, got the file {os.fspath(out_dir)!r}")
     ray = require("ray", "ray")
     require("ray.data", "ray")
     spec, opts = _resolve(backbone, opts)
