@@ -332,7 +332,8 @@ def extract_ray(
         inputs: image files and folders (searched recursively, see
             :func:`~dynamic_s2.extract.find_images`).
         out_dir: output folder, created if needed.
-        backbone: a :func:`~dynamic_s2.backbones.load_backbone` spec (each actor loads it) or a
+        backbone: a :func:`~dynamic_s2.backbones.load_backbone` spec (each actor loads it; the
+            driver loads it once on the CPU too, to read its input size and normalisation) or a
             model (pickled to each actor).
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
         batch_images: images per batch of both stages.
