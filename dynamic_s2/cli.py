@@ -239,8 +239,9 @@ def _cmd_draw(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .extract import extract
 
+    engine = extract if args.engine == "local" else _ray_engine(args)
     try:
-        result = extract(
+        result = engine(
             args.inputs,
             args.out,
             backbone=args.backbone,
@@ -267,6 +268,49 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         if result.errors is not None:
             print(f"{result.failed_total} images could not be read; see {result.errors}")
     return EXIT_SOME_FAILED if result.failed_total else EXIT_OK
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (or torchrun ranks), safetensors shards (default); ray: Ray "
+        "Data: CPU tasks tile while GPU actors encode, Parquet in DIR/parquet (the ray extra)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: the cluster to join (auto, ray://HOST:PORT; default a local one)",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        default=None,
+        metavar="G",
+        help="--engine ray: GPUs per encoding actor (default 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="--engine ray: encoding actors, e.g. the number of GPUs (1); --workers and "
+        "--shard-size are for the local engine",
+    )
+
+
+def _ray_engine(args: argparse.Namespace) -> Any:
+    """extract()'s call, run by :func:`dynamic_s2.ray.extract_ray` with the engine flags."""
+    from .ray import extract_ray
+
+    def engine(inputs: Any, out: Any, *, workers: int, shard_size: int, **kwargs: Any) -> Any:
+        del workers, shard_size  # the local engine's; Ray sizes its own task pool
+        engine_args = {"address": args.address, "num_gpus": args.num_gpus}
+        return extract_ray(inputs, out, concurrency=args.concurrency, **engine_args, **kwargs)
+
+    return engine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="delete earlier results in DIR, start afresh"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_options(p)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser(

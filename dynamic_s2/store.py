@@ -53,6 +53,7 @@ from ._optional import require
 
 if TYPE_CHECKING:
     from .plan import TilePlan
+    from .reader import FeatureDataset
 
 __all__ = [
     "CONFIG",
@@ -66,6 +67,7 @@ __all__ = [
     "clean",
     "load_features",
     "merge_parts",
+    "open_features",
     "prepare",
     "read_manifest",
     "recover",
@@ -573,3 +575,24 @@ def merge_parts(out_dir: Path) -> None:
         for part in error_parts:
             part.unlink()
         _fsync_dir(out_dir)
+
+
+def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
+    """Open any extraction folder, safetensors or Parquet, as a torch ``Dataset`` of
+    :class:`~dynamic_s2.reader.FeatureItem` (see :class:`~dynamic_s2.reader.FeatureDataset`).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> from dynamic_s2 import plan_tiles
+        >>> out, plan = pathlib.Path(tempfile.mkdtemp()), plan_tiles(64, 64, (32, 64))
+        >>> with ShardWriter(out) as writer:
+        ...     writer.add(0, torch.ones(8, 8, 6), None, path="/a.png", nbytes=1, mtime_ns=1,
+        ...                plan=plan)
+        ...     writer.flush()
+        >>> data = open_features(out)
+        >>> len(data), data["/a.png"].features.shape, data[0].image_size
+        (1, torch.Size([8, 8, 6]), (64, 64))
+    """
+    from .reader import FeatureDataset  # imported here: the reader imports this module
+
+    return FeatureDataset(out_dir)
