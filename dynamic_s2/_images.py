@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as PILImage
+
 __all__ = ["is_pil", "to_chw_tensor"]
 
 
-def is_pil(obj: object) -> bool:
+def is_pil(obj: object) -> TypeGuard[PILImage.Image]:
     """True for a PIL image (without importing PIL: a PIL image exists only if PIL is loaded).
 
     Examples:

@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -55,6 +53,7 @@ from einops import rearrange
 
 from . import _checks
 from ._fused import cu_seqlens, pack_maps
+from ._images import is_pil, to_chw_tensor
 from ._optional import require
 from .api import prepare
 from .merge import check_plan_list, merge, split_prefix
@@ -94,12 +93,6 @@ BlockSize: TypeAlias = tuple[int, int]
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _is_pil(obj: object) -> TypeGuard[PILImage.Image]:
-    # A PIL image can only exist if PIL is already imported, so nothing is imported here.
-    module = sys.modules.get("PIL.Image")
-    return module is not None and isinstance(obj, module.Image)
-
-
 def _check_stats(name: str, value: Any) -> tuple[float, float, float]:
     out = _checks.stats(name, value)
     if not isinstance(out, tuple) or len(out) != 3:
@@ -107,44 +100,6 @@ def _check_stats(name: str, value: Any) -> tuple[float, float, float]:
             f"{name} must be a sequence of 3 numbers (one per RGB channel), got {value!r}"
         )
     return (out[0], out[1], out[2])
-
-
-def _to_rgb_chw(image: object, name: str) -> torch.Tensor:
-    """A ``[3, H, W]`` tensor view of a tensor (channels first) or numpy array (channels last)."""
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
-            raise ValueError(
-                f"{name}: a numpy image must be [H, W] or [H, W, C] with C in 1..4, "
-                f"got shape {image.shape}"
-            )
-        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
-            raise TypeError(f"{name}: a numpy image must be uint8 or float, got {image.dtype}")
-        with warnings.catch_warnings():
-            # np.asarray(pil_image) is read-only; the tensor is only ever read, never written.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        chw = image[None] if image.dim() == 2 else image
-        if chw.dim() != 3 or chw.shape[0] not in (1, 2, 3, 4):
-            raise ValueError(
-                f"{name}: a tensor image must be [H, W] or [C, H, W] with C in 1..4, "
-                f"got shape {tuple(image.shape)}"
-            )
-        if chw.dtype != torch.uint8 and not chw.dtype.is_floating_point:
-            raise TypeError(f"{name}: a tensor image must be uint8 or float, got {chw.dtype}")
-    else:
-        raise TypeError(
-            f"{name} must be a PIL image, a [3, H, W] tensor or an [H, W, 3] numpy array, "
-            f"got {type(image).__name__}"
-        )
-    if chw.shape[1] == 0 or chw.shape[2] == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(chw.shape)}")
-    channels = chw.shape[0]
-    if channels in (1, 2):  # greyscale (+ alpha): replicate the grey channel, as PIL's convert
-        return chw[:1].expand(3, -1, -1)
-    return chw[:3]  # RGB, or RGBA with its alpha dropped, as PIL's convert("RGB")
 
 
 def _planner(
@@ -336,10 +291,10 @@ def preprocess_batch(
     tensor_ids: list[int] = []
     tensor_images: list[torch.Tensor] = []
     for i, image in enumerate(images):
-        if _is_pil(image):
+        if is_pil(image):
             parts[i], plan = _preprocess_pil(image, plan_for, mean, std)
         else:
-            chw = _to_rgb_chw(image, f"images[{i}]")
+            chw = to_chw_tensor(image, f"images[{i}]")
             plan = plan_for(int(chw.shape[1]), int(chw.shape[2]))
             tensor_ids.append(i)
             tensor_images.append(chw)

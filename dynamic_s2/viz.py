@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from ._images import to_chw_tensor
 from ._optional import require
 from .plan import TilePlan
 
@@ -45,47 +47,14 @@ _PAD_STYLE: dict[str, Any] = {
 
 
 def _to_uint8_hwc(image: Any, name: str = "image") -> np.ndarray:
-    """A PIL image, NumPy array or torch tensor as a uint8 ``[H, W, 3]`` NumPy array."""
-    pil_image = require("PIL.Image", "demo")
-    if isinstance(image, pil_image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if hasattr(image, "detach") and hasattr(image, "cpu"):  # a torch tensor
-        import torch
+    """A PIL image, NumPy array or torch tensor as a uint8 ``[H, W, 3]`` NumPy array.
 
-        tensor = image.detach().cpu()
-        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-            raise ValueError(
-                f"{name}: expected a tensor of shape [C, H, W] with C in (1, 3), "
-                f"got shape {tuple(tensor.shape)}"
-            )
-        if tensor.is_floating_point():
-            array = (tensor.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        else:
-            array = tensor.clamp(0, 255).to(torch.uint8).numpy()
-        array = array.transpose(1, 2, 0)
-    elif isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(
-                f"{name}: expected an array of shape [H, W], [H, W, 3] or [H, W, 4], "
-                f"got shape {image.shape}"
-            )
-        array = array[:, :, :3]
-        if np.issubdtype(array.dtype, np.floating):
-            array = (np.clip(array, 0.0, 1.0) * 255).round()
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    else:
-        raise TypeError(
-            f"{name}: expected a PIL image, a NumPy array or a torch tensor, "
-            f"got {type(image).__name__}"
-        )
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name}: the image is empty, shape {array.shape}")
-    return np.ascontiguousarray(array)
+    Float images are taken to be in ``[0, 1]``.
+    """
+    chw = to_chw_tensor(image, name).detach().cpu()
+    if chw.is_floating_point():
+        chw = (chw.float().clamp(0, 1) * 255).round()
+    return np.ascontiguousarray(chw.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def _check_plan(plan: object) -> TilePlan:
