@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import stat
 import time
 import warnings
 from collections.abc import Sequence
@@ -77,10 +78,13 @@ class ExtractWarning(UserWarning):
 def find_images(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
     """List the image files named by ``inputs``: files, and folders searched recursively.
 
-    Folders contribute every file whose suffix is in :data:`IMAGE_SUFFIXES` (case-insensitive);
-    hidden files and folders (names starting with ``.``) are skipped. A file named explicitly is
-    kept whatever its suffix. Paths are made absolute, de-duplicated and sorted, so the list (and
-    the split across ranks) is the same on every run.
+    Folders contribute every regular file whose suffix is in :data:`IMAGE_SUFFIXES`
+    (case-insensitive); hidden files and folders (names starting with ``.``) and anything that is
+    not a regular file (a FIFO, a socket, a device) are skipped. Symbolic links are followed, but
+    every folder is searched once (a link loop ends) and every file is listed once (under its
+    first path in sorted order). A file named explicitly is kept whatever its suffix or kind
+    (:func:`read_image` reports a non-regular one). Paths are made absolute, de-duplicated and
+    sorted, so the list (and the split across ranks) is the same on every run.
 
     Args:
         inputs: one path or a sequence of paths.
@@ -111,28 +115,49 @@ def find_images(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             f"inputs: expected a path or a sequence of paths, got {type(inputs).__name__}"
         )
     found: set[Path] = set()
+    searched: set[tuple[int, int]] = set()  # (device, inode) of every folder searched
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"inputs: expected paths, got an item of type {type(item).__name__}")
         path = Path(item).expanduser().absolute()
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                st = os.stat(dirpath)
+                if (st.st_dev, st.st_ino) in searched:  # a link loop, or a folder seen before
+                    dirnames[:] = []
+                    continue
+                searched.add((st.st_dev, st.st_ino))
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in filenames:
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        found.add(Path(dirpath) / name)
+                    file = Path(dirpath) / name
+                    wanted = not name.startswith(".") and file.suffix.lower() in IMAGE_SUFFIXES
+                    if wanted and file.is_file():  # regular files (after links) only
+                        found.add(file)
         elif path.exists():
             found.add(path)
         else:
             raise FileNotFoundError(f"inputs: {os.fspath(item)!r} does not exist")
-    return sorted(found, key=lambda p: p.as_posix())
+    unique: dict[str, Path] = {}  # the real file -> its first path in sorted order
+    for p in sorted(found, key=lambda p: p.as_posix()):
+        unique.setdefault(os.path.realpath(p), p)
+    return sorted(unique.values(), key=lambda p: p.as_posix())
 
 
-def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> torch.Tensor:
     """Read an image file as a uint8 ``[3, H, W]`` tensor, the way :func:`extract` does.
 
     Pillow opens the file, applies its EXIF orientation and converts it to RGB (greyscale, CMYK,
-    palette and alpha images become three channels).
+    palette and alpha images become three channels). 16-bit greyscale (Pillow modes ``I;16*``,
+    and ``I`` holding values up to 65535) is scaled to 8 bits (``round(v / 257)``), not clipped.
+
+    Args:
+        path: the image file; it must be a regular file (a FIFO or a device is refused, never
+            opened).
+        max_pixels: refuse images of more than this many pixels, checked from the file's header
+            before anything is decoded.
+
+    Raises:
+        ValueError: ``path`` is not a regular file, or the image has more than ``max_pixels``.
 
     Examples:
         >>> import tempfile, os
@@ -143,15 +168,34 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
         >>> read_image(path).shape
         torch.Size([3, 3, 5])
     """
-    np = _require("numpy", "demo")
     pil_image = _require("PIL.Image", "demo")
     image_ops = _require("PIL.ImageOps", "demo")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block for ever
+        raise ValueError(f"path: {os.fspath(path)!r} is not a regular file")
     with pil_image.open(path) as opened:
+        width, height = opened.size  # from the header: nothing is decoded yet
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(
+                f"max_pixels: {os.fspath(path)!r} is {width}x{height} = {width * height} pixels, "
+                f"more than max_pixels={max_pixels}"
+            )
         image = image_ops.exif_transpose(opened)
         if image is None:  # older Pillow with in_place semantics
             image = opened
-        array = np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
+        array = _rgb_array(image)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _rgb_array(image: Any) -> Any:
+    """``[H, W, 3]`` uint8 numpy array of a PIL image; 16-bit greyscale scaled, not clipped."""
+    np = _require("numpy", "demo")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            return np.array(image.convert("RGB"), dtype=np.uint8, copy=True)  # not 16-bit data
+        grey = np.rint(values / 257.0).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +245,7 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     fit: str
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    max_pixels: int | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -208,7 +253,7 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> _Loaded | _Failed:
         job = self.jobs[i]
         try:
-            image = read_image(job.path)
+            image = read_image(job.path, max_pixels=self.max_pixels)
             plan = plan_tiles(
                 int(image.shape[1]),
                 int(image.shape[2]),
@@ -375,6 +420,7 @@ def extract(
     shard_size: int = 100,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> ExtractResult:
     """Extract multi-scale features of every image under ``inputs`` into sharded safetensors.
 
@@ -404,6 +450,9 @@ def extract(
         shard_size: most images per shard (a shard is also closed at 1 GiB).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
+        max_pixels: the most pixels (``h * w``, from the file's header, before decoding) of an
+            image; larger images are listed in ``errors.jsonl`` instead (``None``: no cap beyond
+            Pillow's own decompression-bomb guard).
 
     Returns:
         An :class:`ExtractResult`; ``result.failed_total > 0`` means some images failed.
@@ -440,6 +489,7 @@ def extract(
     max_batch_tiles = _positive_int("max_batch_tiles", max_batch_tiles, allow_none=True)
     workers = _positive_int("workers", workers, minimum=0)
     shard_size = _positive_int("shard_size", shard_size)
+    max_pixels = _positive_int("max_pixels", max_pixels, allow_none=True)
     out_dtype = _resolve_dtype(dtype)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
@@ -462,6 +512,7 @@ def extract(
     _require("safetensors.torch", "demo")
     _require("PIL.Image", "demo")
 
+    lock: int | None = None
     ctx, dev = _setup_dist(dev)
     try:
         compute_dtype = out_dtype if dev.type == "cuda" else torch.float32
@@ -505,6 +556,7 @@ def extract(
             "dtype": _dtype_name(out_dtype),
         }
         out.mkdir(parents=True, exist_ok=True)
+        lock = store.acquire_lock(out) if ctx.rank == 0 else None  # one run per folder
         if not overwrite:
             store.check_config(out, config)
         ctx.barrier()
@@ -544,6 +596,7 @@ def extract(
             fit,
             getattr(model, "mean", None),
             getattr(model, "std", None),
+            max_pixels,
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -634,6 +687,7 @@ def extract(
             store.merge_parts(out)
         ctx.barrier()
     finally:
+        store.release_lock(lock)
         if ctx.owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return ExtractResult(

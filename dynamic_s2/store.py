@@ -39,9 +39,15 @@ Reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynami
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
+import socket
+import stat
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -58,9 +64,13 @@ __all__ = [
     "CONFIG",
     "ERRORS",
     "FORMAT",
+    "LOCK",
     "MANIFEST",
     "SHARD_MAX_BYTES",
+    "FolderBusyError",
+    "ManifestWarning",
     "ShardWriter",
+    "acquire_lock",
     "append_error",
     "check_config",
     "clean",
@@ -69,11 +79,15 @@ __all__ = [
     "prepare",
     "read_manifest",
     "recover",
+    "release_lock",
+    "verify_shard",
 ]
 
 MANIFEST = "manifest.jsonl"
 ERRORS = "errors.jsonl"
 CONFIG = "extract.json"
+#: The lock file that names the one process writing a folder (see :func:`acquire_lock`).
+LOCK = "extract.lock"
 #: The ``format`` written into ``extract.json`` and into every shard's metadata.
 FORMAT = "dynamic_s2.extract/1"
 #: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
@@ -102,6 +116,19 @@ def _errors_path(out_dir: Path, rank: int | None) -> Path:
 # durable writes
 
 
+class ManifestWarning(UserWarning):
+    """Warned when a line of a manifest or an errors file is unusable; the line is skipped (its
+    image is simply extracted again)."""
+
+
+class FolderBusyError(ValueError):
+    """Raised when another process holds the writer lock of an extraction folder."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -115,10 +142,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_regular(path: Path, flags: int) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` and never blocks on a FIFO;
+    anything but a regular file raises ``ValueError``."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | getattr(os, "O_BINARY", 0), 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EMLINK):
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise ValueError(
+            f"out_dir: {os.fspath(path)!r} is a symbolic link or not a regular file; an "
+            "extraction folder holds only the regular files it wrote: remove it"
+        )
+    return fd
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """The content of the regular file ``path``, or ``None`` when it does not exist."""
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _open_append(path: Path) -> IO[str]:
+    """Open (create) the regular file ``path`` for appending text, not following symlinks."""
+    fd = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
+
+    The temporary file is created afresh (``O_EXCL``, never through a symbolic link)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, not followed
+    fd = _open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -126,15 +192,15 @@ def _write_durable(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save ``tensors`` as safetensors at ``path``, atomically like :func:`_write_durable`."""
+def _save_shard(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[int, str]:
+    """Save ``tensors`` as safetensors at ``path`` like :func:`_write_durable`; return the file's
+    size and SHA-256 (hex)."""
     safetensors_torch = _require("safetensors.torch", "demo")
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    data: bytes = safetensors_torch.save(tensors, metadata=metadata)
+    _write_durable(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
@@ -148,31 +214,44 @@ def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
 
 def _drop_torn_tail(path: Path) -> None:
     """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
+    data = _read_bytes(path)
     if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = _open_regular(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (none if it is missing); torn lines are skipped."""
-    if not path.exists():
+    """The JSON objects of a JSON-lines file (none if it is missing).
+
+    A torn last line (a crash) is skipped silently; any other unusable line (bad UTF-8, not JSON,
+    not an object) is skipped with a :class:`ManifestWarning`.
+    """
+    data = _read_bytes(path)
+    if not data:
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a crash; its image is simply extracted again
-            if isinstance(entry, dict):
-                yield entry
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines[:-1], start=1):  # lines[-1]: empty, or a torn tail
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            _skip_line(path, number, f"{type(exc).__name__}: {exc}")
+            continue
+        if isinstance(entry, dict):
+            yield entry
+        else:
+            _skip_line(path, number, f"a JSON {type(entry).__name__}, not an object")
+
+
+def _skip_line(path: Path, number: int, why: str) -> None:
+    warnings.warn(
+        f"{os.fspath(path)}: line {number} skipped ({why})", ManifestWarning, stacklevel=3
+    )
 
 
 def append_error(out_dir: Path, rank: int | None, path: str, error: str, message: str) -> None:
@@ -186,7 +265,7 @@ def append_error(out_dir: Path, rank: int | None, path: str, error: str, message
         {"path": "/photos/a.png", "error": "OSError", "message": "truncated file"}
     """
     line = json.dumps({"path": path, "error": error, "message": message})
-    with open(_errors_path(out_dir, rank), "a", encoding="utf-8") as f:
+    with _open_append(_errors_path(out_dir, rank)) as f:
         _append_durable(f, [line])
 
 
@@ -212,7 +291,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
       modification time when it was read (the resume key, with ``path``);
     - ``size``: ``[h, w]`` of the image after EXIF orientation;
-    - ``shard`` and ``key``: the safetensors file (relative to the folder) and the tensor name;
+    - ``shard`` and ``key``: the safetensors file (a bare file name in the folder) and the tensor
+      name; ``shard_bytes`` and ``shard_sha256``: the shard's size and SHA-256, checked on resume
+      (:func:`verify_shard`);
     - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
     - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
       the prefix tokens stored under ``key + ".prefix"``, or ``None``;
@@ -220,6 +301,8 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
     When an image appears more than once (it changed and was extracted again), the last entry wins.
+    A line that is not a usable entry (bad UTF-8 or JSON, a field of the wrong type, a ``shard``
+    that is not a shard file name of this folder) is skipped with a :class:`ManifestWarning`.
 
     Examples:
         >>> import tempfile
@@ -231,11 +314,30 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
     latest: dict[str, dict[str, Any]] = {}
     for path in _manifest_files(Path(out_dir)):
-        for entry in _iter_jsonl(path):
-            if isinstance(entry.get("path"), str):
-                latest.pop(entry["path"], None)
-                latest[entry["path"]] = entry
+        for number, entry in enumerate(_iter_jsonl(path), start=1):
+            problem = _entry_problem(entry)
+            if problem is not None:
+                _skip_line(path, number, problem)
+                continue
+            latest.pop(entry["path"], None)
+            latest[entry["path"]] = entry
     return list(latest.values())
+
+
+#: The fields a manifest entry needs to be resumed and read, with their types.
+_ENTRY_FIELDS: dict[str, type] = {"path": str, "bytes": int, "mtime_ns": int, "key": str}
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """Why ``entry`` is not a usable manifest entry, or ``None``."""
+    for name, kind in _ENTRY_FIELDS.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name!r} must be a {kind.__name__}, got {value!r}"
+    shard = entry.get("shard")
+    if not isinstance(shard, str) or _SHARD_RE.match(shard) is None:
+        return f"'shard' must be a shard file name such as 'shard-00000.safetensors', got {shard!r}"
+    return None
 
 
 def load_features(
@@ -262,11 +364,15 @@ def load_features(
         raise ValueError(
             f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
         )
+    if _SHARD_RE.match(entry["shard"]) is None:  # confined to the folder: a bare shard name
+        raise ValueError(
+            f"entry: 'shard' must be a shard file name in the folder, got {entry['shard']!r}"
+        )
     safetensors = _require("safetensors", "demo")
     key = entry["key"] + (".prefix" if prefix else "")
-    with safetensors.safe_open(
-        os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)
-    ) as f:
+    shard = Path(out_dir) / entry["shard"]
+    os.close(_open_regular(shard, os.O_RDONLY))  # a regular file, not a link or a FIFO
+    with safetensors.safe_open(os.fspath(shard), framework="pt", device=str(device)) as f:
         tensor: torch.Tensor = f.get_tensor(key)
     return tensor
 
@@ -325,9 +431,9 @@ class ShardWriter:
         self.written: list[Path] = []
         self._index = first_index
         self._tensors: dict[str, torch.Tensor] = {}
-        self._lines: list[str] = []
+        self._lines: list[dict[str, Any]] = []
         self._bytes = 0
-        self._manifest = open(_manifest_path(out_dir, rank), "a", encoding="utf-8")  # noqa: SIM115
+        self._manifest = _open_append(_manifest_path(out_dir, rank))
 
     @property
     def shard_name(self) -> str:
@@ -368,7 +474,7 @@ class ShardWriter:
             "prefix": None if prefix is None else list(prefix.shape),
             "plan": plan.to_dict(),
         }
-        self._lines.append(json.dumps(entry))
+        self._lines.append(entry)
         if len(self._lines) >= self.shard_size or self._bytes >= self.max_bytes:
             self.flush()
 
@@ -377,8 +483,11 @@ class ShardWriter:
         if not self._tensors:
             return
         path = self.out_dir / self.shard_name
-        _save_shard(path, self._tensors, self.metadata)
-        _append_durable(self._manifest, self._lines)  # only after the shard is durable
+        nbytes, sha256 = _save_shard(path, self._tensors, self.metadata)
+        lines = [
+            json.dumps({**e, "shard_bytes": nbytes, "shard_sha256": sha256}) for e in self._lines
+        ]
+        _append_durable(self._manifest, lines)  # only after the shard is durable
         self.written.append(path)
         self._index += 1
         self._tensors, self._lines, self._bytes = {}, [], 0
@@ -406,7 +515,9 @@ class ShardWriter:
 def check_config(out_dir: Path, config: dict[str, Any]) -> None:
     """Raise ``ValueError`` when ``out_dir/extract.json`` holds settings other than ``config``.
 
-    A missing or unreadable ``extract.json`` passes (nothing to compare with).
+    A missing ``extract.json`` passes when the folder holds no manifest and no shard (a new
+    folder); a missing or unreadable one beside earlier results raises ``ValueError``: the
+    settings of those results are unknown.
 
     Examples:
         >>> import tempfile, pathlib
@@ -418,12 +529,8 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
             ...
         ValueError: out_dir: ... (dtype: 'float32' before, 'float16' now); pass overwrite=True ...
     """
-    path = out_dir / CONFIG
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    old = _read_config(out_dir)
+    if old is None:
         return
     diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
     if diff:
@@ -432,6 +539,28 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
             f"out_dir: {os.fspath(out_dir)!r} holds features extracted with other settings "
             f"({details}); pass overwrite=True (--overwrite) to start afresh, or use another folder"
         )
+
+
+def _read_config(out_dir: Path) -> dict[str, Any] | None:
+    """The settings in ``extract.json``; ``None`` for a folder without results and without them.
+
+    Raises ``ValueError`` when shards exist but ``extract.json`` is missing or unreadable."""
+    data = None
+    try:
+        data = _read_bytes(out_dir / CONFIG)
+        old = None if data is None else json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):  # also a link or a FIFO named extract.json
+        old = None
+    if isinstance(old, dict):
+        return old
+    if not any(_SHARD_RE.match(p.name) for p in out_dir.iterdir()):
+        return None
+    state = "no" if data is None else "an unreadable"
+    raise ValueError(
+        f"out_dir: {os.fspath(out_dir)!r} holds shards but {state} {CONFIG}, so the settings "
+        "they were extracted with are unknown; pass overwrite=True (--overwrite) to start "
+        "afresh, or use another folder"
+    )
 
 
 def clean(out_dir: Path) -> None:
@@ -515,18 +644,52 @@ def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
             path.unlink()  # an interrupted shard write
         else:
             own_shards[path.name] = int(m.group(2))
-    existing_shards = {p.name for p in out_dir.glob("shard-*.safetensors")}
     done: set[DoneKey] = set()
-    referenced: set[str] = set()
+    sound: dict[str, bool] = {}  # shard name -> it exists and matches its manifest lines
+    used = -1  # the highest index of this rank's shards named by the manifest
     for entry in read_manifest(out_dir):
-        shard = entry.get("shard")
-        if shard in existing_shards:
-            referenced.add(shard)
-            done.add((entry.get("path"), entry.get("bytes"), entry.get("mtime_ns")))  # type: ignore[arg-type]
+        shard = entry["shard"]
+        if shard not in sound:
+            sound[shard] = verify_shard(out_dir, entry)
+        m = _SHARD_RE.match(shard)
+        if m is not None and (m.group(1) or "") == own_rank:
+            used = max(used, int(m.group(2)))  # never reuse a name that old lines still name
+        if sound[shard]:
+            done.add((entry["path"], entry["bytes"], entry["mtime_ns"]))
     for name in own_shards:
-        if name not in referenced:  # written, but its manifest lines never made it
+        if not sound.get(name, False):  # no manifest line names it, or it is damaged: redone
             (out_dir / name).unlink()
-    return done, max(own_shards.values(), default=-1) + 1
+    return done, max(used, *own_shards.values(), -1) + 1
+
+
+def verify_shard(out_dir: Path, entry: dict[str, Any]) -> bool:
+    """Whether the shard of manifest ``entry`` is intact: a regular file (not a link) whose size and
+    SHA-256 are the ``shard_bytes`` and ``shard_sha256`` of the entry.
+
+    Entries of older folders, without these two fields, only need the shard to exist.
+
+    Examples:
+        >>> import tempfile, pathlib, hashlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"features")
+        >>> entry = {"shard": "shard-00000.safetensors", "shard_bytes": 8,
+        ...          "shard_sha256": hashlib.sha256(b"features").hexdigest()}
+        >>> verify_shard(out, entry)
+        True
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"featureS")  # one bit flipped
+        >>> verify_shard(out, entry)
+        False
+    """
+    try:
+        data = _read_bytes(out_dir / entry["shard"])
+    except (ValueError, OSError):
+        return False
+    if data is None:
+        return False
+    nbytes, sha256 = entry.get("shard_bytes"), entry.get("shard_sha256")
+    if nbytes is None and sha256 is None:
+        return True
+    return len(data) == nbytes and hashlib.sha256(data).hexdigest() == sha256
 
 
 def merge_parts(out_dir: Path) -> None:
@@ -539,8 +702,8 @@ def merge_parts(out_dir: Path) -> None:
         >>> _ = (out / "manifest-r0.jsonl").write_text('{"path": "/a.png"}\\n')
         >>> _ = (out / "manifest-r1.jsonl").write_text('{"path": "/b.png"}\\n')
         >>> merge_parts(out)
-        >>> [p.name for p in out.iterdir()], [e["path"] for e in read_manifest(out)]
-        (['manifest.jsonl'], ['/a.png', '/b.png'])
+        >>> [p.name for p in out.iterdir()], (out / MANIFEST).read_text().splitlines()
+        (['manifest.jsonl'], ['{"path": "/a.png"}', '{"path": "/b.png"}'])
     """
     files = [p for p in _manifest_files(out_dir) if p.exists()]
     parts = files[1:] if files and files[0].name == MANIFEST else files
@@ -567,9 +730,72 @@ def merge_parts(out_dir: Path) -> None:
     # Error parts are this run's (rank 0 removed older ones at the start).
     error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
     if error_parts:
-        data = b"".join(p.read_bytes() for p in error_parts)
+        data = b"".join(_read_bytes(p) or b"" for p in error_parts)
         if data:
             _write_durable(out_dir / ERRORS, data)
         for part in error_parts:
             part.unlink()
         _fsync_dir(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per folder
+
+
+def acquire_lock(out_dir: Path) -> int | None:
+    """Take the writer lock of ``out_dir`` (the file :data:`LOCK`) for this process.
+
+    The lock is an ``flock`` on ``extract.lock``, which names the holder (pid, host, start time);
+    the system releases it when the holder exits, even when it is killed. Returns the open file
+    descriptor to pass to :func:`release_lock` (``None`` where ``fcntl`` is missing, e.g. Windows:
+    no lock).
+
+    Raises:
+        FolderBusyError: another process holds the lock; the message names it.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> fd = acquire_lock(out)
+        >>> acquire_lock(out)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        dynamic_s2.store.FolderBusyError: out_dir: '...' is being written by pid ... on host ...
+        >>> release_lock(fd)
+        >>> release_lock(acquire_lock(out))
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = out_dir / LOCK
+    fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        os.close(fd)
+        try:
+            who = json.loads(holder)
+            text = f"pid {who['pid']} on host {who['host']} (since {who['since']})"
+        except (ValueError, TypeError, KeyError):
+            text = f"another process ({holder!r})"
+        raise FolderBusyError(
+            f"out_dir: {os.fspath(out_dir)!r} is being written by {text}; one extraction per "
+            "folder at a time: wait for it to finish, or use another folder"
+        ) from None
+    since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + "\n").encode(), 0)
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    """Release a lock taken by :func:`acquire_lock` (``None``: nothing to release).
+
+    Examples:
+        >>> release_lock(None)
+    """
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
