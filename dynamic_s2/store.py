@@ -39,14 +39,10 @@ Reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynami
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
-import socket
-import stat
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,6 +51,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
+from ._folder import LOCK, FolderBusyError, acquire_lock, open_append, open_regular, read_bytes
+from ._folder import release_lock as release_lock
 from .backbones import _require
 
 if TYPE_CHECKING:
@@ -86,8 +84,6 @@ __all__ = [
 MANIFEST = "manifest.jsonl"
 ERRORS = "errors.jsonl"
 CONFIG = "extract.json"
-#: The lock file that names the one process writing a folder (see :func:`acquire_lock`).
-LOCK = "extract.lock"
 #: The ``format`` written into ``extract.json`` and into every shard's metadata.
 FORMAT = "dynamic_s2.extract/1"
 #: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
@@ -121,14 +117,6 @@ class ManifestWarning(UserWarning):
     image is simply extracted again)."""
 
 
-class FolderBusyError(ValueError):
-    """Raised when another process holds the writer lock of an extraction folder."""
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -142,48 +130,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _open_regular(path: Path, flags: int) -> int:
-    """``os.open`` that never follows a symbolic link at ``path`` and never blocks on a FIFO;
-    anything but a regular file raises ``ValueError``."""
-    try:
-        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | getattr(os, "O_BINARY", 0), 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EMLINK):
-            raise
-        fd = -1
-    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd >= 0:
-            os.close(fd)
-        raise ValueError(
-            f"out_dir: {os.fspath(path)!r} is a symbolic link or not a regular file; an "
-            "extraction folder holds only the regular files it wrote: remove it"
-        )
-    return fd
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    """The content of the regular file ``path``, or ``None`` when it does not exist."""
-    try:
-        fd = _open_regular(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _open_append(path: Path) -> IO[str]:
-    """Open (create) the regular file ``path`` for appending text, not following symlinks."""
-    fd = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    return os.fdopen(fd, "a", encoding="utf-8")
-
-
 def _write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
 
     The temporary file is created afresh (``O_EXCL``, never through a symbolic link)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, not followed
-    fd = _open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -214,9 +167,9 @@ def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
 
 def _drop_torn_tail(path: Path) -> None:
     """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if data and not data.endswith(b"\n"):
-        fd = _open_regular(path, os.O_RDWR)
+        fd = open_regular(path, os.O_RDWR)
         try:
             os.ftruncate(fd, data.rfind(b"\n") + 1)
             os.fsync(fd)
@@ -230,7 +183,7 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     A torn last line (a crash) is skipped silently; any other unusable line (bad UTF-8, not JSON,
     not an object) is skipped with a :class:`ManifestWarning`.
     """
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if not data:
         return
     lines = data.split(b"\n")
@@ -265,7 +218,7 @@ def append_error(out_dir: Path, rank: int | None, path: str, error: str, message
         {"path": "/photos/a.png", "error": "OSError", "message": "truncated file"}
     """
     line = json.dumps({"path": path, "error": error, "message": message})
-    with _open_append(_errors_path(out_dir, rank)) as f:
+    with open_append(_errors_path(out_dir, rank)) as f:
         _append_durable(f, [line])
 
 
@@ -314,14 +267,24 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
     latest: dict[str, dict[str, Any]] = {}
     for path in _manifest_files(Path(out_dir)):
-        for number, entry in enumerate(_iter_jsonl(path), start=1):
-            problem = _entry_problem(entry)
-            if problem is not None:
-                _skip_line(path, number, problem)
-                continue
+        for entry in _entries(path)[0]:
             latest.pop(entry["path"], None)
             latest[entry["path"]] = entry
     return list(latest.values())
+
+
+def _entries(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The usable entries of one manifest file, and whether some line was skipped."""
+    data = read_bytes(path) or b""
+    complete = sum(1 for line in data.split(b"\n")[:-1] if line.strip())
+    entries = []
+    for number, entry in enumerate(_iter_jsonl(path), start=1):
+        problem = _entry_problem(entry)
+        if problem is None:
+            entries.append(entry)
+        else:
+            _skip_line(path, number, problem)
+    return entries, len(entries) != complete
 
 
 #: The fields a manifest entry needs to be resumed and read, with their types.
@@ -371,7 +334,7 @@ def load_features(
     safetensors = _require("safetensors", "demo")
     key = entry["key"] + (".prefix" if prefix else "")
     shard = Path(out_dir) / entry["shard"]
-    os.close(_open_regular(shard, os.O_RDONLY))  # a regular file, not a link or a FIFO
+    os.close(open_regular(shard, os.O_RDONLY))  # a regular file, not a link or a FIFO
     with safetensors.safe_open(os.fspath(shard), framework="pt", device=str(device)) as f:
         tensor: torch.Tensor = f.get_tensor(key)
     return tensor
@@ -433,7 +396,7 @@ class ShardWriter:
         self._tensors: dict[str, torch.Tensor] = {}
         self._lines: list[dict[str, Any]] = []
         self._bytes = 0
-        self._manifest = _open_append(_manifest_path(out_dir, rank))
+        self._manifest = open_append(_manifest_path(out_dir, rank))
 
     @property
     def shard_name(self) -> str:
@@ -547,7 +510,7 @@ def _read_config(out_dir: Path) -> dict[str, Any] | None:
     Raises ``ValueError`` when shards exist but ``extract.json`` is missing or unreadable."""
     data = None
     try:
-        data = _read_bytes(out_dir / CONFIG)
+        data = read_bytes(out_dir / CONFIG)
         old = None if data is None else json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):  # also a link or a FIFO named extract.json
         old = None
@@ -681,7 +644,7 @@ def verify_shard(out_dir: Path, entry: dict[str, Any]) -> bool:
         False
     """
     try:
-        data = _read_bytes(out_dir / entry["shard"])
+        data = read_bytes(out_dir / entry["shard"])
     except (ValueError, OSError):
         return False
     if data is None:
@@ -699,28 +662,34 @@ def merge_parts(out_dir: Path) -> None:
     Examples:
         >>> import tempfile, pathlib
         >>> out = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (out / "manifest-r0.jsonl").write_text('{"path": "/a.png"}\\n')
-        >>> _ = (out / "manifest-r1.jsonl").write_text('{"path": "/b.png"}\\n')
+        >>> def line(path):
+        ...     entry = {"path": path, "bytes": 1, "mtime_ns": 1, "key": "img-000000"}
+        ...     return json.dumps({**entry, "shard": "shard-r0-00000.safetensors"}) + "\\n"
+        >>> _ = (out / "manifest-r0.jsonl").write_text(line("/a.png"))
+        >>> _ = (out / "manifest-r1.jsonl").write_text(line("/b.png"))
         >>> merge_parts(out)
-        >>> [p.name for p in out.iterdir()], (out / MANIFEST).read_text().splitlines()
-        (['manifest.jsonl'], ['{"path": "/a.png"}', '{"path": "/b.png"}'])
+        >>> [p.name for p in out.iterdir()], [e["path"] for e in read_manifest(out)]
+        (['manifest.jsonl'], ['/a.png', '/b.png'])
     """
     files = [p for p in _manifest_files(out_dir) if p.exists()]
     parts = files[1:] if files and files[0].name == MANIFEST else files
     # Which line of which file is the last entry for each path.
     last: dict[str, tuple[int, int]] = {}
-    count = 0
+    count, skipped = 0, False
+    usable = []
     for fi, path in enumerate(files):
-        for li, entry in enumerate(_iter_jsonl(path)):
+        entries, some_skipped = _entries(path)
+        usable.append(entries)
+        skipped = skipped or some_skipped
+        for li, entry in enumerate(entries):
             count += 1
-            if isinstance(entry.get("path"), str):
-                last[entry["path"]] = (fi, li)
-    if parts or count != len(last):
+            last[entry["path"]] = (fi, li)
+    if parts or skipped or count != len(last):
         keep = set(last.values())
         lines = [
             json.dumps(entry)
-            for fi, path in enumerate(files)
-            for li, entry in enumerate(_iter_jsonl(path))
+            for fi, entries in enumerate(usable)
+            for li, entry in enumerate(entries)
             if (fi, li) in keep
         ]
         _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
@@ -730,72 +699,9 @@ def merge_parts(out_dir: Path) -> None:
     # Error parts are this run's (rank 0 removed older ones at the start).
     error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
     if error_parts:
-        data = b"".join(_read_bytes(p) or b"" for p in error_parts)
+        data = b"".join(read_bytes(p) or b"" for p in error_parts)
         if data:
             _write_durable(out_dir / ERRORS, data)
         for part in error_parts:
             part.unlink()
         _fsync_dir(out_dir)
-
-
-# ----------------------------------------------------------------------------------------------
-# one writer per folder
-
-
-def acquire_lock(out_dir: Path) -> int | None:
-    """Take the writer lock of ``out_dir`` (the file :data:`LOCK`) for this process.
-
-    The lock is an ``flock`` on ``extract.lock``, which names the holder (pid, host, start time);
-    the system releases it when the holder exits, even when it is killed. Returns the open file
-    descriptor to pass to :func:`release_lock` (``None`` where ``fcntl`` is missing, e.g. Windows:
-    no lock).
-
-    Raises:
-        FolderBusyError: another process holds the lock; the message names it.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> out = pathlib.Path(tempfile.mkdtemp())
-        >>> fd = acquire_lock(out)
-        >>> acquire_lock(out)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-            ...
-        dynamic_s2.store.FolderBusyError: out_dir: '...' is being written by pid ... on host ...
-        >>> release_lock(fd)
-        >>> release_lock(acquire_lock(out))
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    path = out_dir / LOCK
-    fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-        os.close(fd)
-        try:
-            who = json.loads(holder)
-            text = f"pid {who['pid']} on host {who['host']} (since {who['since']})"
-        except (ValueError, TypeError, KeyError):
-            text = f"another process ({holder!r})"
-        raise FolderBusyError(
-            f"out_dir: {os.fspath(out_dir)!r} is being written by {text}; one extraction per "
-            "folder at a time: wait for it to finish, or use another folder"
-        ) from None
-    since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (holder + "\n").encode(), 0)
-    return fd
-
-
-def release_lock(fd: int | None) -> None:
-    """Release a lock taken by :func:`acquire_lock` (``None``: nothing to release).
-
-    Examples:
-        >>> release_lock(None)
-    """
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
