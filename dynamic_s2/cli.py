@@ -125,6 +125,8 @@ def _image_size(spec: str) -> tuple[int, int]:
         if sep and h_text.isdigit() and w_text.isdigit():
             return int(h_text), int(w_text)
         raise _UsageError(f"IMAGE: {spec!r} is neither a file nor a size HEIGHTxWIDTH")
+    if not path.is_file():  # a FIFO or a device: opening it could block for ever
+        raise _UsageError(f"IMAGE: {spec!r} is not a regular file")
     pil_image = _require("PIL.Image", "demo")
     try:
         with pil_image.open(path) as image:
