@@ -15,7 +15,7 @@ from .backbones import Backbone, as_backbone
 from .encode import check_chunking, encode_tiles
 from .merge import RESAMPLE_MODES, MultiScaleFeatures, check_plan_list, merge
 from .plan import Fit, Policy, TilePlan, plan_tiles
-from .tiling import TileBatch, check_images, check_plans, tile_images
+from .tiling import TileBatch, _affine, check_images, check_plans, tile_images
 
 __all__ = ["DynamicS2", "default_scales", "forward"]
 
@@ -47,12 +47,13 @@ def _make_plans(
     plans: Sequence[TilePlan] | TilePlan | None,
     tile_size: int | None,
     max_tiles: int | Sequence[int] | None,
-    policy: Policy,
-    fit: Fit,
+    policy: Policy | None,
+    fit: Fit | None,
 ) -> list[TilePlan]:
     if plans is not None:
         plan_list = check_plan_list(check_plans(plans, images))
         for i, p in enumerate(plan_list):
+            _check_plan_agrees(i, p, policy, fit, max_tiles)
             if tile_size is not None and p.tile_size != tile_size:
                 raise ValueError(
                     f"tile_size={tile_size!r} disagrees with plans[{i}], made for tile_size "
@@ -75,11 +76,40 @@ def _make_plans(
             scales,
             tile_size=tile_size,
             max_tiles=max_tiles,
-            policy=policy,
-            fit=fit,
+            policy=policy or "aspect",
+            fit=fit or "stretch",
         )
         for img in images
     ]
+
+
+def _check_plan_agrees(
+    i: int,
+    plan: TilePlan,
+    policy: Policy | None,
+    fit: Fit | None,
+    max_tiles: int | Sequence[int] | None,
+) -> None:
+    """Raise ``ValueError`` when a given ``policy``, ``fit`` or ``max_tiles`` disagrees with
+    ``plans[i]`` (instead of ignoring it)."""
+    for name, value, made in (("policy", policy, plan.policy), ("fit", fit, plan.fit)):
+        if value is not None and value != made:
+            raise ValueError(
+                f"{name}={value!r} disagrees with plans[{i}], made with {name}={made!r}: give "
+                "one or the other"
+            )
+    if max_tiles is not None:
+        h, w = plan.image_size
+        scales = [sp.scale for sp in plan.scales]
+        again = plan_tiles(
+            h, w, scales, tile_size=plan.tile_size, max_tiles=max_tiles,
+            policy=plan.policy, fit=plan.fit,  # type: ignore[arg-type]
+        )  # fmt: skip
+        if again.grids != plan.grids:
+            raise ValueError(
+                f"max_tiles={max_tiles!r} disagrees with plans[{i}], whose grids {plan.grids} "
+                f"are not the ones max_tiles gives ({again.grids}): give one or the other"
+            )
 
 
 def forward(
@@ -90,8 +120,8 @@ def forward(
     plans: Sequence[TilePlan] | TilePlan | None = None,
     tile_size: int | None = None,
     max_tiles: int | Sequence[int] | None = None,
-    policy: Policy = "aspect",
-    fit: Fit = "stretch",
+    policy: Policy | None = None,
+    fit: Fit | None = None,
     output_scale: int = -1,
     resample: str = "area",
     num_prefix_tokens: int | None = None,
@@ -116,8 +146,9 @@ def forward(
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of ``scales``.
         tile_size: tile side (default ``scales[0]``, or the backbone's size with default scales).
         max_tiles: tile budget, see :func:`~dynamic_s2.plan.plan_tiles`.
-        policy: ``"aspect"`` or ``"nvila"``.
-        fit: ``"stretch"`` or ``"pad"``.
+        policy: ``"aspect"`` (default) or ``"nvila"``. With ``plans``, leave ``policy``, ``fit``
+            and ``max_tiles`` out or give the plans' own: a disagreeing one raises ``ValueError``.
+        fit: ``"stretch"`` (default) or ``"pad"``.
         output_scale: the scale whose grid all scales are resampled to (-1: the largest).
         resample: ``"area"`` or ``"bilinear"``.
         num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
@@ -234,6 +265,32 @@ def _check_options(scales: tuple[int, ...], options: dict[str, Any]) -> None:
     check_chunking(options.get("max_batch_tiles"), options.get("pad_to_multiple"))
 
 
+#: Adapters whose backbones return ``[n, C, h, w]`` maps, which have no prefix tokens.
+_MAP_ADAPTERS = ("torchvision", "extract_features", "efficientnet-lite0")
+
+
+def _check_declarations(adapter: Backbone, options: dict[str, Any]) -> None:
+    """Validate the options that depend on the backbone (``mean``/``std`` against each other and
+    the model's channels, ``num_prefix_tokens`` against a map backbone), before any image."""
+    mean = adapter.mean if options.get("mean") is None else options["mean"]
+    std = adapter.std if options.get("std") is None else options["std"]
+    lengths = {
+        len(v) for v in (mean, std) if isinstance(v, Sequence) and not isinstance(v, str | bytes)
+    }
+    config = getattr(adapter.module, "config", None)
+    channels = getattr(config, "num_channels", None)
+    if len(lengths) > 1 or (isinstance(channels, int) and lengths and lengths != {channels}):
+        expected = f"{channels} values each (the model's channels)" if channels else "one length"
+        raise ValueError(f"mean and std need {expected}, got mean={mean!r}, std={std!r}")
+    _affine(mean, std, lengths.pop() if lengths else 1)  # numbers only, std without zeros
+    prefix = options.get("num_prefix_tokens")
+    if prefix and adapter.name in _MAP_ADAPTERS:
+        raise ValueError(
+            f"num_prefix_tokens={prefix} but backbone {adapter.name!r} returns feature maps, "
+            "which have no prefix tokens"
+        )
+
+
 _OPTIONS = {
     "tile_size",
     "max_tiles",
@@ -294,6 +351,7 @@ class DynamicS2(nn.Module):
         else:
             self.scales = (scales,) if isinstance(scales, int) else tuple(scales)
         _check_options(self.scales, options)
+        _check_declarations(self.adapter, options)
         self.options = options
 
     def forward(

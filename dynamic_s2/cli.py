@@ -271,6 +271,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _UsageError(str(exc)) from exc
@@ -510,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="delete earlier results in DIR, start afresh"
     )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="list images of more than N pixels (read from the header, before decoding) in "
+        "DIR/errors.jsonl instead of extracting them (default: no cap but Pillow's own)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
@@ -559,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"{parser.prog} {args.command}: error: {exc}\n")
     except ImportError as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. a read-only output folder, a full disk, a missing model
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
