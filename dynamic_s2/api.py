@@ -76,8 +76,8 @@ def _make_plans(
             scales,
             tile_size=tile_size,
             max_tiles=max_tiles,
-            policy=policy or "aspect",
-            fit=fit or "stretch",
+            policy="aspect" if policy is None else policy,
+            fit="stretch" if fit is None else fit,
         )
         for img in images
     ]
