@@ -47,8 +47,8 @@ def _make_plans(
     plans: Sequence[TilePlan] | TilePlan | None,
     tile_size: int | None,
     max_tiles: int | Sequence[int] | None,
-    policy: Policy | None,
-    fit: Fit | None,
+    policy: Policy,
+    fit: Fit,
 ) -> list[TilePlan]:
     if plans is not None:
         plan_list = check_plan_list(check_plans(plans, images))
@@ -76,8 +76,8 @@ def _make_plans(
             scales,
             tile_size=tile_size,
             max_tiles=max_tiles,
-            policy="aspect" if policy is None else policy,
-            fit="stretch" if fit is None else fit,
+            policy=policy,
+            fit=fit,
         )
         for img in images
     ]
@@ -86,14 +86,18 @@ def _make_plans(
 def _check_plan_agrees(
     i: int,
     plan: TilePlan,
-    policy: Policy | None,
-    fit: Fit | None,
+    policy: Policy,
+    fit: Fit,
     max_tiles: int | Sequence[int] | None,
 ) -> None:
-    """Raise ``ValueError`` when a given ``policy``, ``fit`` or ``max_tiles`` disagrees with
-    ``plans[i]`` (instead of ignoring it)."""
-    for name, value, made in (("policy", policy, plan.policy), ("fit", fit, plan.fit)):
-        if value is not None and value != made:
+    """Raise ``ValueError`` when a ``policy`` or ``fit`` other than the default, or a
+    ``max_tiles``, disagrees with ``plans[i]`` (instead of being ignored).
+
+    (``forward`` cannot tell an explicit ``policy="aspect"`` from the default; the options object
+    of the refactor can, with ``None`` for "not given".)"""
+    defaults = (("policy", policy, plan.policy, "aspect"), ("fit", fit, plan.fit, "stretch"))
+    for name, value, made, default in defaults:
+        if value != default and value != made:
             raise ValueError(
                 f"{name}={value!r} disagrees with plans[{i}], made with {name}={made!r}: give "
                 "one or the other"
@@ -120,8 +124,8 @@ def forward(
     plans: Sequence[TilePlan] | TilePlan | None = None,
     tile_size: int | None = None,
     max_tiles: int | Sequence[int] | None = None,
-    policy: Policy | None = None,
-    fit: Fit | None = None,
+    policy: Policy = "aspect",
+    fit: Fit = "stretch",
     output_scale: int = -1,
     resample: str = "area",
     num_prefix_tokens: int | None = None,
@@ -146,9 +150,9 @@ def forward(
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of ``scales``.
         tile_size: tile side (default ``scales[0]``, or the backbone's size with default scales).
         max_tiles: tile budget, see :func:`~dynamic_s2.plan.plan_tiles`.
-        policy: ``"aspect"`` (default) or ``"nvila"``. With ``plans``, leave ``policy``, ``fit``
-            and ``max_tiles`` out or give the plans' own: a disagreeing one raises ``ValueError``.
-        fit: ``"stretch"`` (default) or ``"pad"``.
+        policy: ``"aspect"`` or ``"nvila"``. With ``plans``, leave ``policy``, ``fit`` and
+            ``max_tiles`` out or give the plans' own: a disagreeing one raises ``ValueError``.
+        fit: ``"stretch"`` or ``"pad"``.
         output_scale: the scale whose grid all scales are resampled to (-1: the largest).
         resample: ``"area"`` or ``"bilinear"``.
         num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
