@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
-from .encode import check_chunking, encode_tiles
+from .encode import check_chunk_shape, check_chunking, encode_tiles
 from .merge import RESAMPLE_MODES, MultiScaleFeatures, check_plan_list, merge
 from .plan import Fit, Policy, TilePlan, plan_tiles
 from .tiling import TileBatch, _affine, check_images, check_plans, tile_images
@@ -222,6 +222,7 @@ def _stream(
     done: list[torch.Tensor] = []  # features of encoded tiles of images not yet merged
     encoded = 0  # tiles encoded so far
     total = ends[-1]
+    shape: tuple[int, ...] | None = None  # per-tile output shape of the first chunk
     while encoded < total:
         # Tile whole images until a full chunk (or everything left) is queued.
         need = min(chunk, total - encoded)
@@ -235,6 +236,7 @@ def _stream(
         tiles = torch.cat(queue) if len(queue) > 1 else queue[0]
         take = min(chunk, tiles.shape[0])
         done.append(encode_tiles(backbone, tiles[:take], pad_to_multiple=multiple))
+        shape = check_chunk_shape(shape, done[-1])
         rest = tiles[take:]
         queue, queued = ([rest] if rest.shape[0] else []), rest.shape[0]
         encoded += take

@@ -65,6 +65,8 @@ def _target_sizes(
     any_shape: bool,
 ) -> tuple[list[tuple[int, int]], str]:
     """The ``(h, w)`` of every scale, and the name of the argument it came from."""
+    if scales is not None and isinstance(img_sizes, Sequence) and len(img_sizes) == 0:
+        img_sizes = None  # the original's `img_sizes or ...`: an empty list means "use scales"
     if img_sizes is not None:
         if isinstance(img_sizes, (str, bytes)) or not isinstance(img_sizes, Sequence):
             raise TypeError(f"img_sizes must be a sequence of sizes, got {img_sizes!r}")
@@ -124,7 +126,7 @@ def _call_model(
 ) -> torch.Tensor:
     """``model(tiles)``, or ``model`` on consecutive chunks of ``chunk`` tiles, concatenated."""
     batches = [tiles] if chunk is None else list(tiles.split(chunk))
-    outs = []
+    outs: list[torch.Tensor] = []
     for batch in batches:
         out = model(batch)
         if not isinstance(out, torch.Tensor):
@@ -143,6 +145,11 @@ def _call_model(
                     f"num_prefix_token={num_prefix_token!r} the remaining {grid_tokens} must form "
                     "a square grid"
                 )
+        if outs and out.shape[1:] != outs[0].shape[1:]:
+            raise ValueError(
+                f"the model returned shape {tuple(out.shape)} for a later chunk of tiles, but "
+                f"{tuple(outs[0].shape)} before: its output shape must not depend on the chunk"
+            )
         outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
@@ -168,7 +175,9 @@ def forward(
         scales: scale factors relative to the input; the size of scale ``s`` is ``int(H * s)``
             (and ``int(W * s)`` under any-shape semantics).
         img_sizes: alternatively, the size of every scale: ints (square) or ``(h, w)`` tuples.
-        max_split_size: the largest tile side. Defaults to ``H``; required for a non-square input.
+            An empty list beside ``scales`` means ``scales``, as in the original.
+        max_split_size: the largest tile side. Defaults to ``H`` (also for ``0``, as in the
+            original); required for a non-square input.
         resize_output_to_idx: the scale whose feature map size the output takes (negative indices
             count from the end).
         num_prefix_token: prefix tokens (CLS, registers) at the front of every tile's tokens. They
@@ -227,8 +236,10 @@ def forward(
         )
     if split_mode is not None and split_mode not in _SPLIT_MODES:
         raise ValueError(f"split_mode must be None, 'resize' or 'pad', got {split_mode!r}")
-    if max_split_size is not None and (not _is_int(max_split_size) or max_split_size <= 0):
+    if max_split_size is not None and (not _is_int(max_split_size) or max_split_size < 0):
         raise ValueError(f"max_split_size must be a positive int or None, got {max_split_size!r}")
+    if max_split_size == 0:  # the original's `max_split_size or H`: 0 means the default
+        max_split_size = None
 
     batch, _, height, width = input.shape
     any_shape = (

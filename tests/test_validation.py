@@ -1486,10 +1486,10 @@ if s2wrapper is not None:
         ),
         (
             "max-batch-tiles",
-            "s2-max_split_size-zero",
+            "s2-max_split_size-negative",  # 0 means the default, as in the original
             ValueError,
-            names("max_split_size", r"\b0\b"),
-            _s2([1], max_split_size=0),
+            names("max_split_size", r"-1\b"),
+            _s2([1], max_split_size=-1),
         ),
         (
             "scales",
