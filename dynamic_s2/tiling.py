@@ -21,6 +21,17 @@ from .plan import TilePlan
 __all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images"]
 
 
+def _check_size(size: object) -> tuple[int, int]:
+    """``size`` as ``(h, w)`` of positive ints, or a ``TypeError`` / ``ValueError`` naming it."""
+    if isinstance(size, str | bytes) or not isinstance(size, Sequence) or len(size) != 2:
+        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"size must be a pair (h, w) of positive ints, got {tuple(size)!r}")
+    return (int(size[0]), int(size[1]))
+
+
 def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
     """Bicubic resize of ``[..., C, H, W]`` images to ``size = (h, w)``.
 
@@ -40,7 +51,10 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
         >>> resize(torch.zeros(3, 40, 60, dtype=torch.uint8), (20, 30)).dtype
         torch.uint8
     """
-    size = (int(size[0]), int(size[1]))
+    size = _check_size(size)
+    if not isinstance(images, torch.Tensor) or images.dim() < 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [..., C, H, W] tensor, got {shape}")
     if tuple(images.shape[-2:]) == size:
         return images
     lead = images.shape[:-3]
