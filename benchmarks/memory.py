@@ -20,6 +20,11 @@ and 64 images: about 1 when the peak grows with the output only; the same table 
 of the other large tensors (the tiles, the tile features) to compare with.
 
 Run: ``python benchmarks/memory.py [--quick]``; writes ``benchmarks/results/memory.json``.
+
+``--big`` measures one large uint8 image instead (default 10000x10000): the peak of ``forward``
+above a baseline subprocess that holds the same image and model, as a multiple of the image's
+bytes, with the CPU tiling widening the image to float32 in bands (now) and whole (before), in the
+same run; writes ``benchmarks/results/memory_big.json``.
 """
 
 from __future__ import annotations
@@ -171,6 +176,74 @@ def child(mode: str, n: int, backbone: str, chunk: int, device_name: str) -> dic
     return result
 
 
+def big_child(mode: str, side: int, band: str, chunk: int) -> dict:
+    """One large-image measurement: ``mode`` is ``base`` or ``forward``; ``band`` the rows
+    widened at a time (``none``: the whole image, the former path)."""
+    import dynamic_s2
+    from dynamic_s2 import tiling
+
+    tiling._BAND = None if band == "none" else int(band)
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)
+    model = build_model("conv").eval()
+    dynamic_s2.forward(model, [image[:, :32, :32]], SCALES, max_batch_tiles=chunk)
+    result: dict = {"mode": mode, "band": band, "image_MB": image.numel() / 1e6}
+    if mode == "forward":
+        out = dynamic_s2.forward(model, [image], SCALES, max_batch_tiles=chunk)
+        result["checksum"] = float(out.tokens.double().sum())
+    result["peak_MB"] = _peak_mb(torch.device("cpu"))
+    return result
+
+
+def big(args: argparse.Namespace, info: dict) -> dict:
+    """Peak of ``forward`` on one large uint8 image, banded widening vs whole, same run."""
+    rows = {}
+    for band in ("none", "256"):  # before, now
+        runs = {}
+        for mode in ("base", "forward"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--big-child", mode]
+            cmd += ["--big-side", str(args.big_side), "--big-band", band]
+            cmd += ["--max-batch-tiles", str(args.max_batch_tiles)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"big child {mode} {band} failed:\n{proc.stderr[-3000:]}")
+            runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = runs["forward"]["peak_MB"] - runs["base"]["peak_MB"]
+        rows[band] = {
+            "image_MB": runs["forward"]["image_MB"],
+            "peak_above_baseline_MB": peak,
+            "peak_over_image": peak / runs["forward"]["image_MB"],
+            "checksum": runs["forward"]["checksum"],
+        }
+    before, now = rows["none"], rows["256"]
+    header = ["uint8 image widened to float32", "image (MB)", "peak above baseline (MB)",
+              "peak / image bytes"]  # fmt: skip
+    table_rows = [
+        [
+            label,
+            f"{r['image_MB']:.0f}",
+            f"{r['peak_above_baseline_MB']:.0f}",
+            f"**{r['peak_over_image']:.1f}x**",
+        ]
+        for label, r in (("whole, before", before), ("in bands of 256 rows, now", now))
+    ]
+    table = (
+        markdown_table(header, table_rows)
+        + f"\n\nOne {args.big_side}x{args.big_side} uint8 image through `forward` (backbone "
+        + f"`conv`, scales {SCALES}, max_batch_tiles={args.max_batch_tiles}), CPU; peak RSS "
+        + "(ru_maxrss) above a baseline subprocess that holds the same image and model. The "
+        + "outputs are identical (checksums "
+        + ("equal" if before["checksum"] == now["checksum"] else "DIFFER")
+        + ").\n\n"
+        + machine_line(info)
+    )
+    data = {"machine": info, "side": args.big_side, "rows": rows, "table": table}
+    write_result("memory_big", data)
+    print(table)
+    return data
+
+
 def run_child(mode: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
@@ -201,7 +274,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-images", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--big", action="store_true", help="one large image: banded vs whole")
+    parser.add_argument("--big-side", type=int, default=10000, help="side of the --big image")
+    parser.add_argument("--big-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--big-band", default="256", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.big_child:
+        print(json.dumps(big_child(args.big_child, args.big_side, args.big_band, 16)))
+        return {}
     device, dtype = device_and_dtype(args.device)
     info = machine_info(device, dtype)  # at the start: load average, time
     args.device_name = str(device)
@@ -214,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
         return {}
+    if args.big:
+        return big(args, info)
 
     counts = [int(c) for c in args.counts.split(",")]
     rows = []

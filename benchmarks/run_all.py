@@ -239,6 +239,18 @@ def summary() -> str:
                 _status(mem.get("grows_with_output_only")),
             ]
         )
+    big = _load_json("memory_big")
+    if big:
+        now, before = big["rows"]["256"], big["rows"]["none"]
+        rows.append(
+            [
+                f"memory, one {big['side']}² uint8 image",
+                "no full-size float copy (peak < 4x the uint8 image)",
+                f"{now['peak_over_image']:.1f}x the image bytes ({before['peak_over_image']:.1f}x "
+                "before)",
+                _status(now["peak_over_image"] < 4 and now["checksum"] == before["checksum"]),
+            ]
+        )
     if not rows:
         return "*No results yet.*"
     header = "| benchmark | target | latest | status |\n|---|---|---|---|\n"

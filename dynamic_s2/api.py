@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
-from .encode import _encode, check_chunking
+from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge
 from .options import S2Options, default_scales, make_options
 from .plan import TilePlan
@@ -43,28 +43,43 @@ def _plans(
         return tuple(opts.plan([(int(img.shape[-2]), int(img.shape[-1])) for img in items]))
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
-        made = {
-            "scales": tuple(sp.scale for sp in p.scales),
-            "tile_size": p.tile_size,
-            "policy": p.policy,
-            "fit": p.fit,
-        }
-        for name, value in given.items():
-            if value is None:
-                continue
-            if name in made and getattr(opts, name) != made[name]:
-                raise ValueError(
-                    f"{name}={value!r} disagrees with plans[{i}], made with {name}="
-                    f"{made[name]!r}: give one or the other"
-                )
-            if name in ("max_tiles", "max_upscale", "tile_budget"):
-                raise ValueError(
-                    f"{name}={value!r} has no effect with plans=, which fix the tiles: give "
-                    "one or the other"
-                )
+        _check_plan_agrees(i, p, opts, given)
     if len({p.num_scales for p in plan_list}) > 1:
         raise ValueError("plans must all have the same number of scales")
     return plan_list
+
+
+def _check_plan_agrees(i: int, plan: TilePlan, opts: S2Options, given: Mapping[str, Any]) -> None:
+    """``ValueError`` when a planning option the caller gave disagrees with ``plans[i]``, which
+    would otherwise be silently ignored."""
+    made = {
+        "scales": tuple(sp.scale for sp in plan.scales),
+        "tile_size": plan.tile_size,
+        "policy": plan.policy,
+        "fit": plan.fit,
+    }
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name in made and getattr(opts, name) != made[name]:
+            raise ValueError(
+                f"{name}={value!r} disagrees with plans[{i}], made with {name}={made[name]!r}: "
+                "give one or the other"
+            )
+        if name == "tile_budget":
+            raise ValueError(
+                f"tile_budget={value!r} has no effect with plans=, which fix the tiles: give one "
+                "or the other"
+            )
+    caps = {k: getattr(opts, k) for k in ("max_tiles", "max_upscale") if given.get(k) is not None}
+    if caps:  # the plan must be the one these caps give
+        again = opts.replace(**made, **caps, tile_budget=None).plan([plan.image_size])[0]
+        if again.grids != plan.grids:
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in caps.items())} disagrees with plans[{i}], "
+                f"whose grids {plan.grids} are not the ones it gives ({again.grids}): give one "
+                "or the other"
+            )
 
 
 def _tiler(
@@ -266,6 +281,7 @@ def _stream(
     queued = 0
     done: list[torch.Tensor] = []  # features of encoded tiles of images not yet merged
     encoded = 0  # tiles encoded so far
+    shape: tuple[int, ...] | None = None  # per-tile output shape of the first chunk
     total = ends[-1]
     while encoded < total:
         # Tile whole images until a full chunk (or everything left) is queued.
@@ -280,6 +296,7 @@ def _stream(
         tiles = torch.cat(queue) if len(queue) > 1 else queue[0]
         take = min(chunk, tiles.shape[0])
         done.append(_encode(backbone, tiles[:take], None, multiple))
+        shape = check_chunk_shape(shape, done[-1])
         rest = tiles[take:]
         queue, queued = ([rest] if rest.shape[0] else []), rest.shape[0]
         encoded += take

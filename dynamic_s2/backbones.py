@@ -130,6 +130,32 @@ def _is_hf(model: Any) -> bool:
     )
 
 
+def _check_layer_range(config: Any, feature_layer: int | tuple[int, ...] | None) -> None:
+    """``hidden_states`` has ``num_hidden_layers + 1`` entries (the embeddings, then each layer)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if feature_layer is None or not isinstance(layers, int):
+        return
+    for index in (feature_layer,) if isinstance(feature_layer, int) else feature_layer:
+        if not -(layers + 1) <= index <= layers:
+            raise ValueError(
+                f"feature_layer must be in [{-(layers + 1)}, {layers}] for this model "
+                f"({layers} layers: hidden_states has {layers + 1} entries), got {feature_layer}"
+            )
+
+
+def _rebind_feature_layer(backbone: Backbone, feature_layer: int | tuple[int, ...]) -> Backbone:
+    """An existing :class:`Backbone` taking ``hidden_states[feature_layer]``: HF adapters are
+    rebound over their module (keeping their declarations); others cannot be, and raise."""
+    if not backbone.name.startswith("hf:") or backbone.module is None:
+        raise ValueError(
+            f"feature_layer={feature_layer} cannot be applied to the Backbone {backbone.name!r}: "
+            "only a Backbone built by the HF adapter (as_backbone or load_backbone('hf:...')) "
+            "can pick a hidden layer; build yours with the layer you want"
+        )
+    rebound = _hf_backbone(backbone.module, feature_layer)
+    return replace(backbone, fn=rebound.fn, bind=rebound.bind)
+
+
 def check_feature_layer(value: Any, name: str = "feature_layer") -> int | tuple[int, ...] | None:
     """``None``, one layer index, or a non-empty sequence of them (returned as a tuple).
 
@@ -172,6 +198,7 @@ def _cat_layers(layers: Sequence[torch.Tensor], indices: Sequence[int]) -> torch
 
 def _hf_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None) -> Backbone:
     config: Any = model.config  # type: ignore[attr-defined]
+    _check_layer_range(config, feature_layer)
     model_type = str(getattr(config, "model_type", ""))
     prefix, mean, std = _HF_FAMILIES.get(model_type, (None, None, None))  # type: ignore[arg-type]
     if prefix is not None:
@@ -274,11 +301,14 @@ def as_backbone(
         model: an HF vision model, a timm model, a torchvision classifier, a model with an
             ``extract_features`` method (EfficientNet), any callable, or a :class:`Backbone`.
         feature_layer: HF models: use ``hidden_states[feature_layer]`` (e.g. -2, NVILA's
-            penultimate layer) instead of ``last_hidden_state``; a sequence of indices
-            concatenates those layers on channels, in the order given (``[n, N, C·k]``). timm
-            models: the maps of those blocks from ``forward_intermediates`` (timm's block
-            indices; negative ones count from the end, as for HF), concatenated on channels, with
-            no prefix tokens.
+            penultimate layer) instead of ``last_hidden_state``; it must index ``hidden_states``
+            (``num_hidden_layers + 1`` entries). A sequence of indices concatenates those layers
+            on channels, in the order given (``[n, N, C·k]``). timm models: the maps of those
+            blocks from ``forward_intermediates`` (timm's block indices; negative ones count from
+            the end, as for HF), concatenated on channels, with no prefix tokens. Given with a
+            :class:`Backbone` built by the HF adapter (what ``load_backbone("hf:...")``
+            returns), the backbone is rebound to that layer; with any other :class:`Backbone` it
+            raises ``ValueError``.
         num_prefix_tokens: override the detected prefix token count.
 
     Returns:
@@ -286,6 +316,7 @@ def as_backbone(
 
     Raises:
         TypeError: ``model`` is not callable.
+        ValueError: ``feature_layer`` out of range, or given for a model that has no layers.
 
     Examples:
         >>> from transformers import ViTConfig, ViTModel
@@ -298,7 +329,7 @@ def as_backbone(
     """
     feature_layer = check_feature_layer(feature_layer)
     if isinstance(model, Backbone):
-        backbone = model
+        backbone = model if feature_layer is None else _rebind_feature_layer(model, feature_layer)
     elif not callable(model):
         raise TypeError(f"model must be callable (a backbone), got {type(model).__name__}")
     elif _is_hf(model):
@@ -363,7 +394,7 @@ def load_backbone(
         dtype: parameter dtype.
 
     Raises:
-        ValueError: an unknown spec.
+        ValueError: an unknown spec, or an ``hf:`` model that cannot be loaded.
         ImportError: the package a spec needs is not installed (with the pip command).
 
     Examples:
@@ -391,7 +422,10 @@ def load_backbone(
     elif spec.startswith("hf:"):
         transformers = require("transformers", "hf")
         name = spec[3:]
-        model = transformers.AutoModel.from_pretrained(name)
+        try:
+            model = transformers.AutoModel.from_pretrained(name)
+        except OSError as exc:  # not a folder, not on the hub, no network: say which spec
+            raise ValueError(f"spec: cannot load {spec!r}: {exc}") from exc
         backbone = as_backbone(model)
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(name)

@@ -118,6 +118,8 @@ def _image_size(spec: str) -> tuple[int, int]:
         if sep and h_text.isdigit() and w_text.isdigit():
             return int(h_text), int(w_text)
         raise _UsageError(f"IMAGE: {spec!r} is neither a file nor a size HEIGHTxWIDTH")
+    if not path.is_file():  # a FIFO or a device: opening it could block for ever
+        raise _UsageError(f"IMAGE: {spec!r} is not a regular file")
     pil_image = require("PIL.Image", "demo")
     try:
         with pil_image.open(path) as image:
@@ -252,6 +254,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
             options=_options(args),
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -528,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="delete earlier results in DIR, start afresh"
     )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="list images of more than N pixels (read from the header, before decoding) in "
+        "DIR/errors.jsonl instead of extracting them (default: no cap but Pillow's own)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_extract)
@@ -578,6 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"{parser.prog} {args.command}: error: {exc}\n")
     except ImportError as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. a read-only output folder, a full disk, a missing model
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

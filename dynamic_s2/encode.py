@@ -3,6 +3,9 @@
 All tiles of all images and scales go through the backbone together, ``max_batch_tiles`` at a time,
 so memory is bounded by one chunk, not by the batch. ``pad_to_multiple`` pads the last chunk with
 blank tiles (their outputs are dropped), so a compiled or CUDA-graphed backbone sees few shapes.
+It is at most :data:`MAX_PAD_TO_MULTIPLE`, and it is not applied while the backbone module is in
+training mode: blank tiles would enter the batch statistics of BatchNorm layers and change the
+results (in eval mode they cannot).
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import torch
 from . import _checks
 from .backbones import Backbone, as_backbone
 
-__all__ = ["encode_tiles"]
+__all__ = ["MAX_PAD_TO_MULTIPLE", "encode_tiles"]
+
+#: The largest ``pad_to_multiple``: blank tiles cost memory like real ones.
+MAX_PAD_TO_MULTIPLE = 4096
 
 
 def check_chunking(
@@ -26,6 +32,11 @@ def check_chunking(
     """
     chunk = _checks.optional(_checks.positive_int, "max_batch_tiles", max_batch_tiles)
     multiple = _checks.optional(_checks.positive_int, "pad_to_multiple", pad_to_multiple)
+    if multiple is not None and multiple > MAX_PAD_TO_MULTIPLE:
+        raise ValueError(
+            f"pad_to_multiple must be at most {MAX_PAD_TO_MULTIPLE} (blank tiles cost memory like "
+            f"real ones), got {multiple!r}"
+        )
     if chunk is not None and multiple is not None and multiple > chunk:
         raise ValueError(
             f"pad_to_multiple={multiple} exceeds max_batch_tiles={chunk}: padded chunks would "
@@ -34,6 +45,18 @@ def check_chunking(
     if chunk is not None and multiple is not None:
         chunk -= chunk % multiple  # every chunk a multiple, so only the last needs padding
     return chunk, multiple
+
+
+def check_chunk_shape(first: tuple[int, ...] | None, result: torch.Tensor) -> tuple[int, ...]:
+    """The per-tile output shape of the first chunk; ``ValueError`` when a later chunk's differs
+    (``first`` is ``None`` for the first chunk)."""
+    shape = tuple(result.shape[1:])
+    if first is not None and shape != first:
+        raise ValueError(
+            f"the backbone returned shape {tuple(result.shape)} for a later chunk, but {first} "
+            "per tile before: its output shape must not depend on the chunk"
+        )
+    return shape
 
 
 def _check_output(out: object, expected: int, chunk_shape: tuple[int, ...]) -> torch.Tensor:
@@ -72,7 +95,8 @@ def encode_tiles(
         tiles: ``[T, C, t, t]``.
         max_batch_tiles: the most tiles per backbone call; ``None`` runs all at once.
         pad_to_multiple: pad the last chunk with zero tiles up to a multiple of this (at most
-            ``max_batch_tiles``) and drop their outputs.
+            ``max_batch_tiles`` and :data:`MAX_PAD_TO_MULTIPLE`) and drop their outputs; not
+            done while the backbone module is training (BatchNorm would count the blank tiles).
         feature_layer: for HF models, take ``hidden_states[feature_layer]`` instead of the last
             hidden state (NVILA uses -2); several indices concatenate those layers on channels
             (see :func:`~dynamic_s2.backbones.as_backbone`, which also covers timm).
@@ -107,6 +131,8 @@ def _encode(
     """:func:`encode_tiles` on checked arguments (the chain calls this directly)."""
     total = tiles.shape[0]
     chunk = total if chunk is None else min(chunk, total)
+    if backbone.module is not None and backbone.module.training:
+        multiple = None  # blank tiles would change train-mode BatchNorm statistics
 
     out: torch.Tensor | None = None
     pieces: list[torch.Tensor] = []
@@ -120,15 +146,12 @@ def _encode(
         if chunk >= total:
             return result
         if result.requires_grad:
+            check_chunk_shape(tuple(pieces[0].shape[1:]) if pieces else None, result)
             pieces.append(result)
             continue
         if out is None:  # preallocate once: peak memory is the output plus one chunk
             out = result.new_empty((total, *result.shape[1:]))
-        elif result.shape[1:] != out.shape[1:]:
-            raise ValueError(
-                f"the backbone (model) returned shape {tuple(result.shape)} for a later chunk, but "
-                f"{tuple(out.shape[1:])} per tile before"
-            )
+        check_chunk_shape(tuple(out.shape[1:]), result)
         out[start : start + n] = result
     if pieces:
         return torch.cat(pieces)

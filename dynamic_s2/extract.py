@@ -28,10 +28,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _checks, store
+from ._images import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from ._images import find_images, read_image
 from ._optional import require
 from .api import prepare, run
 from .backbones import Backbone, as_backbone, load_backbone
@@ -52,10 +53,6 @@ __all__ = [
     "read_manifest",
 ]
 
-#: File suffixes (lower case) that :func:`find_images` treats as images.
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
 #: Exit status of ``dynamic-s2 extract`` when some images could not be read.
 EXIT_SOME_FAILED = 3
 
@@ -74,85 +71,6 @@ class ExtractWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------------
 # inputs
-
-
-def find_images(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """List the image files named by ``inputs``: files, and folders searched recursively.
-
-    Folders contribute every file whose suffix is in :data:`IMAGE_SUFFIXES` (case-insensitive);
-    hidden files and folders (names starting with ``.``) are skipped. A file named explicitly is
-    kept whatever its suffix. Paths are made absolute, de-duplicated and sorted, so the list (and
-    the split across ranks) is the same on every run.
-
-    Args:
-        inputs: one path or a sequence of paths.
-
-    Returns:
-        Sorted absolute paths.
-
-    Raises:
-        FileNotFoundError: an input does not exist.
-        TypeError: ``inputs`` is not a path or a sequence of paths.
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from dynamic_s2.extract import find_images
-        >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> for name in ("b.PNG", "a/c.jpg", "a/notes.txt"):
-        ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
-        ...     _ = (root / name).write_bytes(b"")
-        >>> [p.relative_to(root).as_posix() for p in find_images(root)]
-        ['a/c.jpg', 'b.PNG']
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        items: list[Any] = [inputs]
-    elif isinstance(inputs, Sequence):
-        items = list(inputs)
-    else:
-        raise TypeError(
-            f"inputs: expected a path or a sequence of paths, got {type(inputs).__name__}"
-        )
-    found: set[Path] = set()
-    for item in items:
-        if not isinstance(item, (str, os.PathLike)):
-            raise TypeError(f"inputs: expected paths, got an item of type {type(item).__name__}")
-        path = Path(item).expanduser().absolute()
-        if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for name in filenames:
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        found.add(Path(dirpath) / name)
-        elif path.exists():
-            found.add(path)
-        else:
-            raise FileNotFoundError(f"inputs: {os.fspath(item)!r} does not exist")
-    return sorted(found, key=lambda p: p.as_posix())
-
-
-def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Read an image file as a uint8 ``[3, H, W]`` tensor, the way :func:`extract` does.
-
-    Pillow opens the file, applies its EXIF orientation and converts it to RGB (greyscale, CMYK,
-    palette and alpha images become three channels).
-
-    Examples:
-        >>> import tempfile, os
-        >>> from PIL import Image
-        >>> from dynamic_s2.extract import read_image
-        >>> path = os.path.join(tempfile.mkdtemp(), "grey.png")
-        >>> Image.new("L", (5, 3), 128).save(path)
-        >>> read_image(path).shape
-        torch.Size([3, 3, 5])
-    """
-    pil_image = require("PIL.Image", "demo")
-    image_ops = require("PIL.ImageOps", "demo")
-    with pil_image.open(path) as opened:
-        image = image_ops.exif_transpose(opened)
-        if image is None:  # older Pillow with in_place semantics
-            image = opened
-        array = np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +114,7 @@ class _Batch:
 class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     jobs: list[_Job]
     options: S2Options  # resolved: scales, tile size and normalisation known
+    max_pixels: int | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -203,7 +122,9 @@ class _ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> _Loaded | _Failed:
         job = self.jobs[i]
         try:
-            batch = prepare([read_image(job.path)], options=self.options)
+            batch = prepare(
+                [read_image(job.path, max_pixels=self.max_pixels)], options=self.options
+            )
         except Exception as exc:  # one bad file never stops the run
             return _Failed(job, type(exc).__name__, str(exc))
         return _Loaded(job, batch)
@@ -352,16 +273,39 @@ class _Settings:
     shard_size: int
     overwrite: bool
     progress: bool
+    max_pixels: int | None
 
 
-def _settings(out_dir: Any, **run: Any) -> _Settings:
+def check_out_dir(out_dir: Any) -> Path:
+    """The absolute output folder; ``TypeError``/``ValueError`` for a non-path or a file."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {os.fspath(out_dir)!r} exists and is not a folder")
+    return out
+
+
+def list_inputs(inputs: Any, options: S2Options) -> list[Path]:
+    """The images to extract (:func:`find_images`), and the options an extraction can honour.
+
+    Images are planned one at a time in the readers, so ``tile_budget`` (a whole batch's budget)
+    cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image.
+    """
+    if options.tile_budget is not None:
+        raise ValueError(
+            f"tile_budget={options.tile_budget!r} plans a batch as a whole, but extraction plans "
+            "every image on its own: use max_tiles (per image) or max_upscale instead"
+        )
+    paths = find_images(inputs)
+    if not paths:
+        raise ValueError(f"inputs: no image files found in {inputs!r}")
+    return paths
+
+
+def _settings(out_dir: Any, **run: Any) -> _Settings:
     return _Settings(
-        out,
+        check_out_dir(out_dir),
         _checks.positive_int("batch_images", run["batch_images"]),
         _resolve_device(run["device"]),
         _resolve_dtype(run["dtype"]),
@@ -369,6 +313,7 @@ def _settings(out_dir: Any, **run: Any) -> _Settings:
         _checks.positive_int("shard_size", run["shard_size"]),
         _checks.boolean("overwrite", run["overwrite"]),
         bool(run["progress"]),
+        _checks.optional(_checks.positive_int, "max_pixels", run["max_pixels"]),
     )
 
 
@@ -379,15 +324,22 @@ def _load_model(backbone: Any, device: torch.device, dtype: torch.dtype) -> tupl
     return as_backbone(backbone), f"<{type(backbone).__module__}.{type(backbone).__qualname__}>"
 
 
-def _open_folder(settings: _Settings, config: dict[str, Any], ctx: _Dist) -> None:
-    """Create the folder, refuse other settings (unless overwriting), write ``extract.json``."""
+def _open_folder(settings: _Settings, config: dict[str, Any], ctx: _Dist) -> int | None:
+    """Create the folder and take its lock (rank 0), refuse other settings (unless overwriting),
+    write ``extract.json``. Returns the lock, for :func:`dynamic_s2.store.release_lock`."""
     settings.out.mkdir(parents=True, exist_ok=True)
-    if not settings.overwrite:
-        store.check_config(settings.out, config)
-    ctx.barrier()
-    if ctx.rank == 0:
-        store.prepare(settings.out, config, overwrite=settings.overwrite)
-    ctx.barrier()
+    lock = store.acquire_lock(settings.out) if ctx.rank == 0 else None  # one run per folder
+    try:
+        if not settings.overwrite:
+            store.check_config(settings.out, config)
+        ctx.barrier()
+        if ctx.rank == 0:
+            store.prepare(settings.out, config, overwrite=settings.overwrite)
+        ctx.barrier()
+    except BaseException:
+        store.release_lock(lock)
+        raise
+    return lock
 
 
 def _job_list(
@@ -414,7 +366,7 @@ def _job_list(
 
 def _loader(jobs: list[_Job], options: S2Options, settings: _Settings) -> Any:
     return torch.utils.data.DataLoader(
-        _ImageDataset(jobs, options),
+        _ImageDataset(jobs, options, settings.max_pixels),
         batch_size=settings.batch_images,
         shuffle=False,
         num_workers=settings.workers,
@@ -522,6 +474,7 @@ def extract(
     shard_size: int = 100,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
     options: S2Options | None = None,
     **kwargs: Any,
 ) -> ExtractResult:
@@ -545,6 +498,9 @@ def extract(
         shard_size: most images per shard (a shard is also closed at 1 GiB).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
+        max_pixels: the most pixels (``h * w``, from the file's header, before decoding) of an
+            image; larger images are listed in ``errors.jsonl`` instead (``None``: no cap beyond
+            Pillow's own decompression-bomb guard).
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...), as in :func:`dynamic_s2.forward`. The fields that change the
@@ -588,14 +544,14 @@ def extract(
         shard_size=shard_size,
         overwrite=overwrite,
         progress=progress,
+        max_pixels=max_pixels,
     )
     opts = make_options(options, kwargs, where="extract()")
-    paths = find_images(inputs)
-    if not paths:
-        raise ValueError(f"inputs: no image files found in {inputs!r}")
+    paths = list_inputs(inputs, opts)
     for module in ("tqdm", "safetensors.torch", "PIL.Image"):
         require(module, "demo")
 
+    lock: int | None = None
     ctx, dev = _setup_dist(settings.device)
     settings = dataclasses.replace(settings, device=dev)
     try:
@@ -606,7 +562,7 @@ def extract(
             default_scales(model)  # raises, naming the backbone
         config = {"format": store.FORMAT, "backbone": spec, **opts.to_config()}
         config["dtype"] = _dtype_name(settings.dtype)
-        _open_folder(settings, config, ctx)
+        lock = _open_folder(settings, config, ctx)
         # This rank's files (shard-r{r}-*, manifest-r{r}.jsonl, errors-r{r}.jsonl under
         # torch.distributed), cleaned of what a crash left, and the images already done.
         own_rank = ctx.rank if ctx.active else None
@@ -625,6 +581,7 @@ def extract(
             store.merge_parts(settings.out)
         ctx.barrier()
     finally:
+        store.release_lock(lock)
         if ctx.owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return ExtractResult(

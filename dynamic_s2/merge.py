@@ -14,6 +14,7 @@ packed (image after image, raster order) with one gather per (scale, tap count);
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -26,6 +27,7 @@ from .plan import TilePlan
 
 __all__ = [
     "MultiScaleFeatures",
+    "PrefixGuessWarning",
     "TileLayout",
     "mean_prefix",
     "merge",
@@ -34,6 +36,10 @@ __all__ = [
 ]
 
 RESAMPLE_MODES = ("area", "bilinear")
+
+
+class PrefixGuessWarning(UserWarning):
+    """Warned when a prefix token count inferred from the token count is implausible."""
 
 
 class MultiScaleFeatures:
@@ -64,8 +70,11 @@ class MultiScaleFeatures:
         plans: Sequence[TilePlan] | None = None,
         prefix: torch.Tensor | None = None,
     ) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
+            raise ValueError(f"tokens must be a [N, C] tensor, got {shape}")
         self.tokens = tokens
-        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.sizes = _check_sizes(sizes)
         self.plans = list(plans) if plans is not None else []
         self.prefix = prefix
         if sum(h * w for h, w in self.sizes) != tokens.shape[0]:
@@ -88,6 +97,15 @@ class MultiScaleFeatures:
         if len(parts) == 1:
             return parts[0]
         prefixes = [p.prefix for p in parts if p.prefix is not None]
+        if prefixes and len(prefixes) != len(parts):
+            has = [p.prefix is not None for p in parts]
+            raise ValueError(
+                f"parts mix results with and without prefix tokens (prefix present: {has}); "
+                "all must have a prefix, or none"
+            )
+        channels = {p.channels for p in parts}
+        if len(channels) > 1:
+            raise ValueError(f"parts have different channel counts {sorted(channels)}")
         return cls(
             torch.cat([p.tokens for p in parts]),
             [size for p in parts for size in p.sizes],
@@ -208,6 +226,23 @@ class MultiScaleFeatures:
         )
 
 
+def _check_sizes(sizes: object) -> list[tuple[int, int]]:
+    """``sizes`` as a list of ``(h, w)`` pairs of non-negative ints, or ``ValueError``."""
+    if not isinstance(sizes, Sequence) or isinstance(sizes, str | bytes):
+        raise TypeError(f"sizes must be a sequence of (h, w) pairs, got {sizes!r}")
+    out = []
+    for i, size in enumerate(sizes):
+        ok = isinstance(size, Sequence) and len(size) == 2
+        if not ok or not all(
+            isinstance(v, int | np.integer) and not isinstance(v, bool) for v in size
+        ):
+            raise ValueError(f"sizes[{i}] must be a pair of ints (h, w), got {size!r}")
+        if min(size) < 0:
+            raise ValueError(f"sizes[{i}] must not be negative, got {tuple(size)!r}")
+        out.append((int(size[0]), int(size[1])))
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class TileLayout:
     """Where the tiles of one image at one scale are, and which part of their stitched map counts.
@@ -229,8 +264,11 @@ def split_prefix(
     """Split backbone output into prefix tokens and channels-last spatial maps.
 
     A 4-D ``[T, C, h, w]`` output is a feature map (ConvNet) with no prefix. A 3-D ``[T, N, C]``
-    output is tokens: the first ``num_prefix_tokens`` (default ``N - ⌊√N⌋²``) are the prefix
-    (CLS, registers), the rest a square grid.
+    output is tokens: the first ``num_prefix_tokens`` are the prefix (CLS, registers), the rest a
+    square grid. Undeclared (``None``), the count is inferred as ``N - ⌊√N⌋²``; a guess of more
+    prefix tokens than ``⌊√N⌋`` (one row of the grid: CLS and registers, not half a grid), e.g.
+    15 tokens read as 6 + 3 × 3, warns with :class:`PrefixGuessWarning`. Integer features are
+    converted to float (float64 for 32- and 64-bit integers, else float32): resampling averages.
 
     Returns:
         ``(prefix [T, P, C] or None, maps [T, h, w, C])``; ``maps`` may be a view.
@@ -245,6 +283,9 @@ def split_prefix(
     _checks.optional(_checks.non_negative_int, "num_prefix_tokens", num_prefix_tokens)
     if features.dim() in (3, 4) and features.shape[-1 if features.dim() == 3 else 1] == 0:
         raise ValueError(f"tile_features have no channels: shape {tuple(features.shape)}")
+    if not features.is_floating_point():  # averaging integers in integers would truncate
+        wide = features.dtype in (torch.int32, torch.int64)
+        features = features.to(torch.float64 if wide else torch.float32)
     if features.dim() == 4:
         if num_prefix_tokens:
             raise ValueError(
@@ -262,6 +303,14 @@ def split_prefix(
         n_tokens - math.isqrt(n_tokens) ** 2 if num_prefix_tokens is None else num_prefix_tokens
     )
     side = math.isqrt(max(n_tokens - prefix_count, 0))
+    if num_prefix_tokens is None and prefix_count > side:
+        warnings.warn(
+            f"tile features have {n_tokens} tokens, read as {prefix_count} prefix tokens and a "
+            f"{side}x{side} grid: a guess (more prefix tokens than a grid row is no usual "
+            "layout); pass num_prefix_tokens= (the backbone's CLS and register count) to say",
+            PrefixGuessWarning,
+            stacklevel=3,
+        )
     if prefix_count >= n_tokens or side * side != n_tokens - prefix_count:
         raise ValueError(
             f"tile features have {n_tokens} tokens, which is not a square grid plus "
@@ -355,6 +404,13 @@ def stitch_resample(
     num_scales = len(maps)
     channels = maps[0].shape[-1]
     dtype, device = maps[0].dtype, maps[0].device
+    for s, m in enumerate(maps):
+        if m.shape[-1] != channels or m.dtype != dtype or m.device != device:
+            raise ValueError(
+                f"maps[{s}] has {m.shape[-1]} channels, {m.dtype} on {m.device}, but maps[0] has "
+                f"{channels}, {dtype} on {device}: the backbone must give every scale the same "
+                "channels, dtype and device"
+            )
     counts = [h * w for h, w in out_sizes]
     total = sum(counts)
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -512,8 +568,9 @@ def merge(
 
     Args:
         tile_features: ``[T, N, C]`` tokens (a square grid after ``num_prefix_tokens`` prefix
-            tokens, inferred as ``N - ⌊√N⌋²`` when ``None``) or ``[T, C, h, w]`` maps, for the
-            tiles in the library's order (image-major, scale ascending, row-major).
+            tokens, inferred as ``N - ⌊√N⌋²`` when ``None``, see :func:`split_prefix`) or
+            ``[T, C, h, w]`` maps, for the tiles in the library's order (image-major, scale
+            ascending, row-major). Integer features are merged as float.
         plans: the plan of every image, in order.
         output_scale: index of the scale whose grid every scale is resampled to: -1 (the largest,
             NVILA's choice) by default, 0 reproduces the S2 paper.

@@ -208,7 +208,11 @@ def preprocess(
         image: a PIL image (any mode; converted to RGB as NVILA does), a ``[3, H, W]`` tensor or an
             ``[H, W, 3]`` numpy array (uint8, or float in ``[0, 1]``). Tensors and arrays may also
             have 1 (grey), 2 (grey + alpha) or 4 (RGBA) channels, or no channel axis (grey); grey
-            is replicated and alpha dropped, as PIL's ``convert("RGB")`` does.
+            is replicated and alpha dropped, as PIL's ``convert("RGB")`` does. A numpy array that
+            may be channels-first (``[1 or 3, H > 4, W <= 4]``) raises ``ValueError``. A PIL
+            image is used in its stored orientation, as NVILA does (it never reads EXIF); pass
+            ``PIL.ImageOps.exif_transpose(image)`` to honour EXIF, as
+            :func:`dynamic_s2.extract.read_image` (and ``dynamic-s2 extract``) always do.
         scales: pixel sizes, each a multiple of the first (the tile size).
         max_tiles: the most tiles at the last scale (NVILA's ``max_num``).
         max_upscale: not NVILA's: no scale enlarges the image more than this factor along a
@@ -424,7 +428,27 @@ def _check_map(name: str, feature_map: Any) -> torch.Tensor:
     return feature_map
 
 
-def pack_tokens(feature_map: torch.Tensor, factor: int = 2) -> torch.Tensor:
+def _pad_tiles(fmap: torch.Tensor, side: int, f: int) -> torch.Tensor:
+    """NVILA's per-tile rule: cut ``[C, R·n, Q·n]`` into ``n × n`` tiles (``n = side``), pad each
+    at the bottom and right to a multiple of ``f``, and put them back together."""
+    c, h, w = fmap.shape
+    if not _checks.is_int(side) or side <= 0 or h % side or w % side:
+        raise ValueError(
+            f"tokens_per_tile_side must be a positive int dividing the map's {h}x{w} cells, "
+            f"got {side!r}"
+        )
+    padded = -(-side // f) * f
+    if padded == side:
+        return fmap
+    rows, cols = h // side, w // side
+    out = fmap.new_zeros((c, rows, padded, cols, padded))
+    out[:, :, :side, :, :side] = fmap.view(c, rows, side, cols, side)
+    return out.view(c, rows * padded, cols * padded)
+
+
+def pack_tokens(
+    feature_map: torch.Tensor, factor: int = 2, *, tokens_per_tile_side: int | None = None
+) -> torch.Tensor:
     """Pack every ``factor × factor`` block of a ``[C, H, W]`` map into one token, as NVILA does.
 
     The map is zero-padded at the bottom and right to multiples of ``factor`` (as NVILA's
@@ -432,12 +456,19 @@ def pack_tokens(feature_map: torch.Tensor, factor: int = 2) -> torch.Tensor:
     row-major inside the block: for ``factor=2``, ``(row0 col0, row0 col1, row1 col0, row1 col1)``,
     ``C`` channels each. Tokens run in raster order over the whole map.
 
+    NVILA itself cuts the merged map back into its tiles and packs each tile on its own: with an
+    odd number of cells per tile side (27 for SigLIP-384 checkpoints), every tile is padded
+    (27 → 28) before packing. Pass ``tokens_per_tile_side`` for that rule (and
+    ``num_tokens(..., per_tile=True)`` for its count); for an even side the two rules agree.
+
     Args:
         feature_map: ``[C, H, W]``, e.g. one output of :func:`merge_features`.
         factor: block side (NVILA: 2).
+        tokens_per_tile_side: cells per tile side, to pad every tile as NVILA does.
 
     Returns:
-        ``[ceil(H / factor) · ceil(W / factor), factor² · C]``, same dtype and device.
+        ``[ceil(H / factor) · ceil(W / factor), factor² · C]`` (per tile: ``rows · cols ·
+        ceil(n / factor)²`` tokens), same dtype and device.
 
     Examples:
         >>> import torch
@@ -450,6 +481,8 @@ def pack_tokens(feature_map: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """
     fmap = _check_map("feature_map", feature_map)
     f = _checks.positive_int("factor", factor)
+    if tokens_per_tile_side is not None:
+        fmap = _pad_tiles(fmap, tokens_per_tile_side, f)
     pad_h, pad_w = -fmap.shape[1] % f, -fmap.shape[2] % f
     if pad_h or pad_w:
         fmap = F.pad(fmap, (0, pad_w, 0, pad_h))
@@ -469,7 +502,10 @@ def _pack_index(h: int, w: int, f: int) -> np.ndarray:
 
 
 def pack_tokens_batch(
-    feature_maps: Sequence[torch.Tensor], factor: int = 2
+    feature_maps: Sequence[torch.Tensor],
+    factor: int = 2,
+    *,
+    tokens_per_tile_side: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pack_tokens` for a list of maps: packed tokens plus ``cu_seqlens``.
 
@@ -480,6 +516,7 @@ def pack_tokens_batch(
         feature_maps: non-empty list of ``[C, H_b, W_b]`` maps with the same ``C``, dtype and
             device, e.g. the output of :func:`merge_features`.
         factor: block side (NVILA: 2).
+        tokens_per_tile_side: pad every tile as NVILA does (see :func:`pack_tokens`).
 
     Returns:
         ``(tokens [sum_b n_b, factor² · C], cu_seqlens int32 [B + 1])``, where image ``b``'s
@@ -499,6 +536,8 @@ def pack_tokens_batch(
         raise ValueError("feature_maps must not be empty")
     f = _checks.positive_int("factor", factor)
     maps = [_check_map(f"feature_maps[{b}]", m) for b, m in enumerate(feature_maps)]
+    if tokens_per_tile_side is not None:
+        maps = [_pad_tiles(m, tokens_per_tile_side, f) for m in maps]
     first = maps[0]
     c = first.shape[0]
     for b, m in enumerate(maps):
@@ -534,6 +573,7 @@ def num_tokens(
     tokens_per_tile_side: int = 32,
     factor: int = 2,
     output_scale: int = -1,
+    per_tile: bool = False,
 ) -> int:
     """The number of LLM tokens :func:`pack_tokens` makes for an image, without running a model.
 
@@ -548,6 +588,9 @@ def num_tokens(
         tokens_per_tile_side: feature cells per tile side.
         factor: the packing block side.
         output_scale: with a plan, the index of the output scale.
+        per_tile: count NVILA's per-tile rule, ``rows · cols · ceil(n / factor)²``: what
+            ``pack_tokens(..., tokens_per_tile_side=n)`` makes and what NVILA makes (2352 for a
+            3 × 4 block of 27 × 27 tiles, against 2214 for the whole-map rule).
 
     Examples:
         >>> num_tokens((3, 4))                         # a 1000 × 600 image: 17 tiles
@@ -557,6 +600,8 @@ def num_tokens(
         3072
         >>> num_tokens((1, 1), tokens_per_tile_side=27)   # SigLIP-384: 27 × 27 -> 14 × 14
         196
+        >>> num_tokens((3, 4), tokens_per_tile_side=27, per_tile=True)   # NVILA's count
+        2352
     """
     n = tokens_per_tile_side
     if not _checks.is_int(n) or n <= 0:
@@ -566,6 +611,8 @@ def num_tokens(
         rows, cols = block_size.scales[block_size.scale_index(output_scale, "output_scale")].grid
     else:
         rows, cols = _checks.int_pair("block_size", block_size)
+    if _checks.boolean("per_tile", per_tile):
+        return rows * cols * (-(-n // f)) ** 2
     return -(-rows * n // f) * -(-cols * n // f)
 
 

@@ -233,7 +233,9 @@ class S2Options:
         for name in ("mean", "std", "num_prefix_tokens") if planning else ("num_prefix_tokens",):
             if getattr(self, name) is None and getattr(backbone, name) is not None:
                 changes[name] = getattr(backbone, name)
-        return dataclasses.replace(self, **changes) if changes else self
+        resolved = dataclasses.replace(self, **changes) if changes else self
+        _check_declarations(backbone, resolved)
+        return resolved
 
     def plan(self, sizes: Sequence[tuple[int, int]]) -> list[TilePlan]:
         """The plans of images of ``sizes`` ``(h, w)``: each on its own, or, with
@@ -275,6 +277,26 @@ class S2Options:
         return {
             f.name: _json_safe(getattr(self, f.name)) for f in fields(self) if f.metadata["config"]
         }
+
+
+#: Adapters whose backbones return ``[n, C, h, w]`` maps, which have no prefix tokens.
+_MAP_ADAPTERS = ("torchvision", "extract_features", "efficientnet-lite0")
+
+
+def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
+    """The options that depend on the backbone, checked before any image: ``mean`` and ``std``
+    against each other and the model's channels, ``num_prefix_tokens`` against a map backbone."""
+    lengths = {len(v) for v in (opts.mean, opts.std) if isinstance(v, tuple)}
+    config = getattr(backbone.module, "config", None)
+    channels = getattr(config, "num_channels", None)
+    if len(lengths) > 1 or (isinstance(channels, int) and lengths and lengths != {channels}):
+        expected = f"{channels} values each (the model's channels)" if channels else "one length"
+        raise ValueError(f"mean and std need {expected}, got mean={opts.mean!r}, std={opts.std!r}")
+    if opts.num_prefix_tokens and backbone.name in _MAP_ADAPTERS:
+        raise ValueError(
+            f"num_prefix_tokens={opts.num_prefix_tokens} but backbone {backbone.name!r} returns "
+            "feature maps, which have no prefix tokens"
+        )
 
 
 def _keep(name: str, value: Any) -> Any:

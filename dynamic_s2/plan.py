@@ -36,6 +36,7 @@ __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
     "ASPECT_AREA_PRICE_UP",
     "ASPECT_TILE_PRICE",
+    "MAX_TILES",
     "Fit",
     "Policy",
     "ScalePlan",
@@ -68,6 +69,10 @@ ASPECT_TILE_PRICE: float = 0.02
 ASPECT_DEFAULT_CAP: float = 3.0
 
 _MIN_SCALE = 16
+#: The most tiles of one scale: the largest ``max_tiles`` (per scale) and the largest grid
+#: :meth:`TilePlan.from_dict` accepts. Blank or huge plans cost memory like real tiles; no use of
+#: multi-scale tiling comes near (NVILA uses 12, three S2 scales 14 in all).
+MAX_TILES = 1 << 16
 
 
 def _pair(value: tuple[int, int]) -> tuple[int, int]:
@@ -287,6 +292,11 @@ class TilePlan:
                 tile,
                 _size_pair(f"scales[{i}].content_size", entry["content_size"]),
             )
+            if sp.num_tiles > MAX_TILES:
+                raise ValueError(
+                    f"scales[{i}].grid {sp.grid} has {sp.num_tiles} tiles, more than MAX_TILES = "
+                    f"{MAX_TILES}"
+                )
             ch, cw = sp.canvas_size
             if sp.content_size[0] > ch or sp.content_size[1] > cw:
                 raise ValueError(
@@ -305,10 +315,28 @@ class TilePlan:
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
         upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
+        if policy == "nvila" and upscale is None:  # max_upscale departs from NVILA's rule
+            _check_nvila_rule(scales)
         return cls(image_size, tile, tuple(scales), policy, fit, upscale)
 
 
 # ----------------------------------------------------------------------------------- validation
+
+
+def _check_nvila_rule(scales: Sequence[ScalePlan]) -> None:
+    """``ValueError`` unless a ``policy="nvila"`` plan follows NVILA's rule: scales multiples of
+    the first, every scale but the last a ``k × k`` grid with ``k = s // s_0``."""
+    sc = tuple(sp.scale for sp in scales)
+    if any(s % sc[0] for s in sc):
+        raise ValueError(
+            f"a policy='nvila' plan needs scales that are multiples of the first, got {list(sc)}"
+        )
+    lower = [sp.grid for sp in scales[:-1]]
+    if lower != _nvila_lower_grids(sc):
+        raise ValueError(
+            f"a policy='nvila' plan has the grids {_nvila_lower_grids(sc)} below its last scale "
+            f"(k x k, k = scale // {sc[0]}), got {lower}"
+        )
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -350,17 +378,24 @@ def check_scales(scales: Any) -> tuple[int, ...]:
     return out
 
 
+def _check_tile_count(name: str, value: Any) -> int:
+    count = _check_positive_int(name, value)
+    if count > MAX_TILES:
+        raise ValueError(f"{name} must be at most MAX_TILES = {MAX_TILES} per scale, got {count!r}")
+    return count
+
+
 def _check_max_tiles(max_tiles: Any, n_scales: int) -> tuple[int, ...] | int | None:
     if max_tiles is None:
         return None
     if isinstance(max_tiles, int) and not isinstance(max_tiles, bool):
-        return _check_positive_int("max_tiles", max_tiles)
+        return _check_tile_count("max_tiles", max_tiles)
     if isinstance(max_tiles, Sequence) and not isinstance(max_tiles, str | bytes):
         if len(max_tiles) != n_scales:
             raise ValueError(
                 f"max_tiles must have one entry per scale ({n_scales}), got {tuple(max_tiles)!r}"
             )
-        caps = tuple(_check_positive_int("max_tiles", m) for m in max_tiles)
+        caps = tuple(_check_tile_count("max_tiles", m) for m in max_tiles)
         if any(a > b for a, b in itertools.pairwise(caps)):
             raise ValueError(f"max_tiles per scale must be non-decreasing, got {caps!r}")
         return caps
@@ -620,15 +655,19 @@ def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> 
 
 @lru_cache(maxsize=256)
 def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
-    # NVILA builds a Python set with these loops and sorts it by area; among equal areas the set's
-    # iteration order decides, so the set is built the same way to reproduce it exactly.
-    ratios = {
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    }
+    # NVILA builds a Python set with three nested loops (n, then i, j in 1..n, kept when
+    # min_num <= i*j <= max_num) and sorts it by area; among equal areas the set's iteration order
+    # decides. That order depends only on the order in which distinct pairs are first added, so
+    # the same pairs are added in the same first-seen order, without the cubic loops: at n, the
+    # new pairs are those with max(i, j) = n, met as (i, n) for i < n, then (n, j) for j <= n.
+    ratios: set[tuple[int, int]] = set()
+    for n in range(min_num, max_num + 1):
+        if n == min_num:
+            firsts = [(i, j) for i in range(1, n + 1) for j in range(1, n + 1)]
+        else:
+            firsts = [(i, n) for i in range(1, min(n - 1, max_num // n) + 1)]
+            firsts += [(n, j) for j in range(1, min(n, max_num // n) + 1)]
+        ratios.update(r for r in firsts if min_num <= r[0] * r[1] <= max_num)
     return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 

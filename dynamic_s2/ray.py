@@ -39,10 +39,11 @@ from typing import Any
 import torch
 
 from . import _checks, parquet, store
+from ._images import read_image
 from ._optional import require
 from .api import prepare, run
 from .backbones import as_backbone, load_backbone
-from .extract import ExtractResult, _dtype_name, _resolve_dtype, find_images, read_image
+from .extract import ExtractResult, _dtype_name, _resolve_dtype, check_out_dir, list_inputs
 from .options import S2Options, make_options
 from .plan import TilePlan
 from .tiling import TileBatch
@@ -59,7 +60,7 @@ def _tile_schema() -> Any:
     return pa.schema(head + tiles + [rows.field("error"), rows.field("message")])
 
 
-def tile_rows(batch: Any, *, options: S2Options) -> Any:
+def tile_rows(batch: Any, *, options: S2Options, max_pixels: int | None = None) -> Any:
     """The CPU stage: read, plan and tile every image of a batch of rows.
 
     Args:
@@ -67,6 +68,7 @@ def tile_rows(batch: Any, *, options: S2Options) -> Any:
             ``mtime_ns`` (``batch_format="pyarrow"``).
         options: resolved :class:`~dynamic_s2.options.S2Options` (scales, and mean/std when the
             backbone has them: ``S2Options(...).resolve(backbone)``).
+        max_pixels: the most pixels of an image (from its header); larger ones are error rows.
 
     Returns:
         A ``pyarrow.Table``, one row per input row: the key columns, ``plan`` (JSON), ``tiles``
@@ -88,7 +90,8 @@ def tile_rows(batch: Any, *, options: S2Options) -> Any:
     rows = []
     for row in batch.select(["key", "bytes", "mtime_ns"]).to_pylist():
         try:
-            tiled = prepare([read_image(row["key"])], options=options)
+            image = read_image(row["key"], max_pixels=max_pixels)
+            tiled = prepare([image], options=options)
             data, _, shape = parquet.encode_tensor(tiled.tiles)
             row.update(plan=json.dumps(tiled.plans[0].to_dict()), tiles=data, tiles_shape=shape)
         except Exception as exc:  # one bad file never stops the job
@@ -257,6 +260,7 @@ def _run_job(
     num_gpus: float,
     retries: int,
     progress: bool,
+    max_pixels: int | None,
 ) -> None:
     """Read and tile in CPU tasks, encode in an actor pool, write Parquet: one streaming job."""
     context = ray.data.DataContext.get_current()
@@ -272,7 +276,7 @@ def _run_job(
                 tile_rows,
                 batch_size=batch_images,
                 batch_format="pyarrow",
-                fn_kwargs={"options": encoder_kwargs["options"]},
+                fn_kwargs={"options": encoder_kwargs["options"], "max_pixels": max_pixels},
                 max_retries=retries,
             )
             ds = ds.map_batches(
@@ -320,6 +324,7 @@ def extract_ray(
     address: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
     **kwargs: Any,
 ) -> RayExtractResult:
     """Extract multi-scale features of every image under ``inputs`` on Ray Data, into Parquet.
@@ -345,6 +350,7 @@ def extract_ray(
         address: the Ray cluster to join when Ray is not initialised (``"auto"``, ``"ray://..."``).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show Ray Data's progress bars.
+        max_pixels: as in :func:`dynamic_s2.extract.extract`.
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...).
 
@@ -372,37 +378,28 @@ def extract_ray(
     retries = _checks.non_negative_int("retries", retries)
     dtype = _dtype_name(_resolve_dtype(dtype))
     overwrite = _checks.boolean("overwrite", overwrite)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
+    max_pixels = _checks.optional(_checks.positive_int, "max_pixels", max_pixels)
+    out = check_out_dir(out_dir)
     opts = make_options(options, kwargs, where="extract_ray()")
-    paths = find_images(inputs)
-    if not paths:
-        raise ValueError(f"inputs must name image files or folders holding some, got {inputs!r}")
-    out = Path(out_dir).expanduser().absolute()
-    if out.is_file():
-        raise ValueError(f"out_dir must be a folder, got the file {os.fspath(out_dir)!r}")
+    paths = list_inputs(inputs, opts)
     ray = require("ray", "ray")
     require("ray.data", "ray")
     spec, opts = _resolve(backbone, opts)
     config = {"format": parquet.FORMAT, "backbone": spec, **opts.to_config(), "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
-    if not overwrite:
-        store.check_config(out, config)
-    folder = out / parquet.PARQUET_DIR
-    if overwrite:
-        for path in parquet.parquet_files(folder):
-            path.unlink()
-    store.prepare(out, config, overwrite=overwrite)
-    done, run_index = _recover(folder)
-    jobs = _jobs(paths, done)
-    before = set(parquet.parquet_files(folder))
-    started = not ray.is_initialized()
-    if started and jobs:
-        ray.init(address=address)
+    lock = store.acquire_lock(out)  # one run per folder
     try:
+        if not overwrite:
+            store.check_config(out, config)
+        folder = out / parquet.PARQUET_DIR
+        if overwrite:
+            for path in parquet.parquet_files(folder):
+                path.unlink()
+        store.prepare(out, config, overwrite=overwrite)
+        done, run_index = _recover(folder)
+        jobs = _jobs(paths, done)
+        before = set(parquet.parquet_files(folder))
         if jobs:
-            if num_gpus is None:
-                num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
             encoder_kwargs = {
                 "backbone": backbone,
                 "options": opts,
@@ -410,15 +407,31 @@ def extract_ray(
                 "dtype": dtype,
                 "run_index": run_index,
             }
-            _run_job(
-                ray, jobs, folder, encoder_kwargs, batch_images=batch_images,
+            _on_cluster(
+                ray, address, jobs, folder, encoder_kwargs, batch_images=batch_images,
                 concurrency=concurrency, num_gpus=num_gpus, retries=retries, progress=progress,
+                max_pixels=max_pixels,
             )  # fmt: skip
+        written = tuple(p for p in parquet.parquet_files(folder) if p not in before)
+        extracted, failed = _tally(out, written, run_index)
     finally:
-        if started and jobs:
-            ray.shutdown()
-    written = tuple(p for p in parquet.parquet_files(folder) if p not in before)
-    extracted, failed = _tally(out, written, run_index)
+        store.release_lock(lock)
     seconds = time.perf_counter() - start
     skipped = len(paths) - len(jobs)
     return RayExtractResult(out, extracted, skipped, failed, failed, written, seconds)
+
+
+def _on_cluster(
+    ray: Any, address: str | None, *args: Any, num_gpus: float | None, **kwargs: Any
+) -> None:
+    """:func:`_run_job` on the running cluster, or on one started (and shut down) for it."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    try:
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        _run_job(ray, *args, num_gpus=num_gpus, **kwargs)
+    finally:
+        if started:
+            ray.shutdown()

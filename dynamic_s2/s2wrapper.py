@@ -116,7 +116,9 @@ def forward(
         scales: scale factors relative to the input; the size of scale ``s`` is ``int(H * s)``
             (and ``int(W * s)`` under any-shape semantics).
         img_sizes: alternatively, the size of every scale: ints (square) or ``(h, w)`` tuples.
-        max_split_size: the largest tile side. Defaults to ``H``; required for a non-square input.
+            An empty list beside ``scales`` means ``scales``, as in the original.
+        max_split_size: the largest tile side. Defaults to ``H`` (also for ``0``, as in the
+            original); required for a non-square input.
         resize_output_to_idx: the scale whose feature map size the output takes (negative indices
             count from the end).
         num_prefix_token: prefix tokens (CLS, registers) at the front of every tile's tokens. They

@@ -107,7 +107,11 @@ def s2_sizes(
         >>> s2_sizes(224, 336, [1, 2], None, 224, None).grids
         ((1, 2), (2, 3))
     """
+    if max_split_size == 0 and _checks.is_int(max_split_size):
+        max_split_size = None  # the original's `max_split_size or H`: 0 means the default
     _checks.optional(_checks.positive_int, "max_split_size", max_split_size)
+    if scales is not None and img_sizes is not None and len(img_sizes) == 0:
+        img_sizes = None  # the original's `img_sizes or ...`: an empty list means "use scales"
     any_shape = (
         height != width
         or split_mode is not None

@@ -39,9 +39,11 @@ Reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynami
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +51,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
+from ._folder import LOCK, FolderBusyError, acquire_lock, open_append, open_regular, read_bytes
+from ._folder import release_lock as release_lock
 from ._optional import require
 
 if TYPE_CHECKING:
@@ -59,9 +63,13 @@ __all__ = [
     "CONFIG",
     "ERRORS",
     "FORMAT",
+    "LOCK",
     "MANIFEST",
     "SHARD_MAX_BYTES",
+    "FolderBusyError",
+    "ManifestWarning",
     "ShardWriter",
+    "acquire_lock",
     "append_error",
     "check_config",
     "clean",
@@ -71,6 +79,8 @@ __all__ = [
     "prepare",
     "read_manifest",
     "recover",
+    "release_lock",
+    "verify_shard",
 ]
 
 MANIFEST = "manifest.jsonl"
@@ -104,6 +114,11 @@ def _errors_path(out_dir: Path, rank: int | None) -> Path:
 # durable writes
 
 
+class ManifestWarning(UserWarning):
+    """Warned when a line of a manifest or an errors file is unusable; the line is skipped (its
+    image is simply extracted again)."""
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -118,9 +133,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder."""
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
+
+    The temporary file is created afresh (``O_EXCL``, never through a symbolic link)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, not followed
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -128,15 +147,15 @@ def _write_durable(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save ``tensors`` as safetensors at ``path``, atomically like :func:`_write_durable`."""
+def _save_shard(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[int, str]:
+    """Save ``tensors`` as safetensors at ``path`` like :func:`_write_durable`; return the file's
+    size and SHA-256 (hex)."""
     safetensors_torch = require("safetensors.torch", "demo")
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors_torch.save_file(tensors, os.fspath(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    data: bytes = safetensors_torch.save(tensors, metadata=metadata)
+    _write_durable(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
@@ -150,31 +169,44 @@ def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
 
 def _drop_torn_tail(path: Path) -> None:
     """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
+    data = read_bytes(path)
     if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = open_regular(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (none if it is missing); torn lines are skipped."""
-    if not path.exists():
+    """The JSON objects of a JSON-lines file (none if it is missing).
+
+    A torn last line (a crash) is skipped silently; any other unusable line (bad UTF-8, not JSON,
+    not an object) is skipped with a :class:`ManifestWarning`.
+    """
+    data = read_bytes(path)
+    if not data:
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a crash; its image is simply extracted again
-            if isinstance(entry, dict):
-                yield entry
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines[:-1], start=1):  # lines[-1]: empty, or a torn tail
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            _skip_line(path, number, f"{type(exc).__name__}: {exc}")
+            continue
+        if isinstance(entry, dict):
+            yield entry
+        else:
+            _skip_line(path, number, f"a JSON {type(entry).__name__}, not an object")
+
+
+def _skip_line(path: Path, number: int, why: str) -> None:
+    warnings.warn(
+        f"{os.fspath(path)}: line {number} skipped ({why})", ManifestWarning, stacklevel=3
+    )
 
 
 def append_error(out_dir: Path, rank: int | None, path: str, error: str, message: str) -> None:
@@ -188,7 +220,7 @@ def append_error(out_dir: Path, rank: int | None, path: str, error: str, message
         {"path": "/photos/a.png", "error": "OSError", "message": "truncated file"}
     """
     line = json.dumps({"path": path, "error": error, "message": message})
-    with open(_errors_path(out_dir, rank), "a", encoding="utf-8") as f:
+    with open_append(_errors_path(out_dir, rank)) as f:
         _append_durable(f, [line])
 
 
@@ -214,7 +246,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
       modification time when it was read (the resume key, with ``path``);
     - ``size``: ``[h, w]`` of the image after EXIF orientation;
-    - ``shard`` and ``key``: the safetensors file (relative to the folder) and the tensor name;
+    - ``shard`` and ``key``: the safetensors file (a bare file name in the folder) and the tensor
+      name; ``shard_bytes`` and ``shard_sha256``: the shard's size and SHA-256, checked on resume
+      (:func:`verify_shard`);
     - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
     - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
       the prefix tokens stored under ``key + ".prefix"``, or ``None``;
@@ -222,6 +256,8 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
     When an image appears more than once (it changed and was extracted again), the last entry wins.
+    A line that is not a usable entry (bad UTF-8 or JSON, a field of the wrong type, a ``shard``
+    that is not a shard file name of this folder) is skipped with a :class:`ManifestWarning`.
 
     Examples:
         >>> import tempfile
@@ -233,11 +269,40 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
     latest: dict[str, dict[str, Any]] = {}
     for path in _manifest_files(Path(out_dir)):
-        for entry in _iter_jsonl(path):
-            if isinstance(entry.get("path"), str):
-                latest.pop(entry["path"], None)
-                latest[entry["path"]] = entry
+        for entry in _entries(path)[0]:
+            latest.pop(entry["path"], None)
+            latest[entry["path"]] = entry
     return list(latest.values())
+
+
+def _entries(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The usable entries of one manifest file, and whether some line was skipped."""
+    data = read_bytes(path) or b""
+    complete = sum(1 for line in data.split(b"\n")[:-1] if line.strip())
+    entries = []
+    for number, entry in enumerate(_iter_jsonl(path), start=1):
+        problem = _entry_problem(entry)
+        if problem is None:
+            entries.append(entry)
+        else:
+            _skip_line(path, number, problem)
+    return entries, len(entries) != complete
+
+
+#: The fields a manifest entry needs to be resumed and read, with their types.
+_ENTRY_FIELDS: dict[str, type] = {"path": str, "bytes": int, "mtime_ns": int, "key": str}
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """Why ``entry`` is not a usable manifest entry, or ``None``."""
+    for name, kind in _ENTRY_FIELDS.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name!r} must be a {kind.__name__}, got {value!r}"
+    shard = entry.get("shard")
+    if not isinstance(shard, str) or _SHARD_RE.match(shard) is None:
+        return f"'shard' must be a shard file name such as 'shard-00000.safetensors', got {shard!r}"
+    return None
 
 
 def load_features(
@@ -264,11 +329,15 @@ def load_features(
         raise ValueError(
             f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
         )
+    if _SHARD_RE.match(entry["shard"]) is None:  # confined to the folder: a bare shard name
+        raise ValueError(
+            f"entry: 'shard' must be a shard file name in the folder, got {entry['shard']!r}"
+        )
     safetensors = require("safetensors", "demo")
     key = entry["key"] + (".prefix" if prefix else "")
-    with safetensors.safe_open(
-        os.fspath(Path(out_dir) / entry["shard"]), framework="pt", device=str(device)
-    ) as f:
+    shard = Path(out_dir) / entry["shard"]
+    os.close(open_regular(shard, os.O_RDONLY))  # a regular file, not a link or a FIFO
+    with safetensors.safe_open(os.fspath(shard), framework="pt", device=str(device)) as f:
         tensor: torch.Tensor = f.get_tensor(key)
     return tensor
 
@@ -327,9 +396,9 @@ class ShardWriter:
         self.written: list[Path] = []
         self._index = first_index
         self._tensors: dict[str, torch.Tensor] = {}
-        self._lines: list[str] = []
+        self._lines: list[dict[str, Any]] = []
         self._bytes = 0
-        self._manifest = open(_manifest_path(out_dir, rank), "a", encoding="utf-8")  # noqa: SIM115
+        self._manifest = open_append(_manifest_path(out_dir, rank))
 
     @property
     def shard_name(self) -> str:
@@ -370,7 +439,7 @@ class ShardWriter:
             "prefix": None if prefix is None else list(prefix.shape),
             "plan": plan.to_dict(),
         }
-        self._lines.append(json.dumps(entry))
+        self._lines.append(entry)
         if len(self._lines) >= self.shard_size or self._bytes >= self.max_bytes:
             self.flush()
 
@@ -379,8 +448,11 @@ class ShardWriter:
         if not self._tensors:
             return
         path = self.out_dir / self.shard_name
-        _save_shard(path, self._tensors, self.metadata)
-        _append_durable(self._manifest, self._lines)  # only after the shard is durable
+        nbytes, sha256 = _save_shard(path, self._tensors, self.metadata)
+        lines = [
+            json.dumps({**e, "shard_bytes": nbytes, "shard_sha256": sha256}) for e in self._lines
+        ]
+        _append_durable(self._manifest, lines)  # only after the shard is durable
         self.written.append(path)
         self._index += 1
         self._tensors, self._lines, self._bytes = {}, [], 0
@@ -408,7 +480,9 @@ class ShardWriter:
 def check_config(out_dir: Path, config: dict[str, Any]) -> None:
     """Raise ``ValueError`` when ``out_dir/extract.json`` holds settings other than ``config``.
 
-    A missing or unreadable ``extract.json`` passes (nothing to compare with).
+    A missing ``extract.json`` passes when the folder holds no manifest and no shard (a new
+    folder); a missing or unreadable one beside earlier results raises ``ValueError``: the
+    settings of those results are unknown.
 
     Examples:
         >>> import tempfile, pathlib
@@ -420,12 +494,8 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
             ...
         ValueError: out_dir: ... (dtype: 'float32' before, 'float16' now); pass overwrite=True ...
     """
-    path = out_dir / CONFIG
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    old = _read_config(out_dir)
+    if old is None:
         return
     diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
     if diff:
@@ -434,6 +504,28 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
             f"out_dir: {os.fspath(out_dir)!r} holds features extracted with other settings "
             f"({details}); pass overwrite=True (--overwrite) to start afresh, or use another folder"
         )
+
+
+def _read_config(out_dir: Path) -> dict[str, Any] | None:
+    """The settings in ``extract.json``; ``None`` for a folder without results and without them.
+
+    Raises ``ValueError`` when shards exist but ``extract.json`` is missing or unreadable."""
+    data = None
+    try:
+        data = read_bytes(out_dir / CONFIG)
+        old = None if data is None else json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):  # also a link or a FIFO named extract.json
+        old = None
+    if isinstance(old, dict):
+        return old
+    if not any(_SHARD_RE.match(p.name) for p in out_dir.iterdir()):
+        return None
+    state = "no" if data is None else "an unreadable"
+    raise ValueError(
+        f"out_dir: {os.fspath(out_dir)!r} holds shards but {state} {CONFIG}, so the settings "
+        "they were extracted with are unknown; pass overwrite=True (--overwrite) to start "
+        "afresh, or use another folder"
+    )
 
 
 def clean(out_dir: Path) -> None:
@@ -517,18 +609,52 @@ def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
             path.unlink()  # an interrupted shard write
         else:
             own_shards[path.name] = int(m.group(2))
-    existing_shards = {p.name for p in out_dir.glob("shard-*.safetensors")}
     done: set[DoneKey] = set()
-    referenced: set[str] = set()
+    sound: dict[str, bool] = {}  # shard name -> it exists and matches its manifest lines
+    used = -1  # the highest index of this rank's shards named by the manifest
     for entry in read_manifest(out_dir):
-        shard = entry.get("shard")
-        if shard in existing_shards:
-            referenced.add(shard)
-            done.add((entry.get("path"), entry.get("bytes"), entry.get("mtime_ns")))  # type: ignore[arg-type]
+        shard = entry["shard"]
+        if shard not in sound:
+            sound[shard] = verify_shard(out_dir, entry)
+        m = _SHARD_RE.match(shard)
+        if m is not None and (m.group(1) or "") == own_rank:
+            used = max(used, int(m.group(2)))  # never reuse a name that old lines still name
+        if sound[shard]:
+            done.add((entry["path"], entry["bytes"], entry["mtime_ns"]))
     for name in own_shards:
-        if name not in referenced:  # written, but its manifest lines never made it
+        if not sound.get(name, False):  # no manifest line names it, or it is damaged: redone
             (out_dir / name).unlink()
-    return done, max(own_shards.values(), default=-1) + 1
+    return done, max(used, *own_shards.values(), -1) + 1
+
+
+def verify_shard(out_dir: Path, entry: dict[str, Any]) -> bool:
+    """Whether the shard of manifest ``entry`` is intact: a regular file (not a link) whose size and
+    SHA-256 are the ``shard_bytes`` and ``shard_sha256`` of the entry.
+
+    Entries of older folders, without these two fields, only need the shard to exist.
+
+    Examples:
+        >>> import tempfile, pathlib, hashlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"features")
+        >>> entry = {"shard": "shard-00000.safetensors", "shard_bytes": 8,
+        ...          "shard_sha256": hashlib.sha256(b"features").hexdigest()}
+        >>> verify_shard(out, entry)
+        True
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"featureS")  # one bit flipped
+        >>> verify_shard(out, entry)
+        False
+    """
+    try:
+        data = read_bytes(out_dir / entry["shard"])
+    except (ValueError, OSError):
+        return False
+    if data is None:
+        return False
+    nbytes, sha256 = entry.get("shard_bytes"), entry.get("shard_sha256")
+    if nbytes is None and sha256 is None:
+        return True
+    return len(data) == nbytes and hashlib.sha256(data).hexdigest() == sha256
 
 
 def merge_parts(out_dir: Path) -> None:
@@ -538,8 +664,11 @@ def merge_parts(out_dir: Path) -> None:
     Examples:
         >>> import tempfile, pathlib
         >>> out = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (out / "manifest-r0.jsonl").write_text('{"path": "/a.png"}\\n')
-        >>> _ = (out / "manifest-r1.jsonl").write_text('{"path": "/b.png"}\\n')
+        >>> def line(path):
+        ...     entry = {"path": path, "bytes": 1, "mtime_ns": 1, "key": "img-000000"}
+        ...     return json.dumps({**entry, "shard": "shard-r0-00000.safetensors"}) + "\\n"
+        >>> _ = (out / "manifest-r0.jsonl").write_text(line("/a.png"))
+        >>> _ = (out / "manifest-r1.jsonl").write_text(line("/b.png"))
         >>> merge_parts(out)
         >>> [p.name for p in out.iterdir()], [e["path"] for e in read_manifest(out)]
         (['manifest.jsonl'], ['/a.png', '/b.png'])
@@ -548,18 +677,21 @@ def merge_parts(out_dir: Path) -> None:
     parts = files[1:] if files and files[0].name == MANIFEST else files
     # Which line of which file is the last entry for each path.
     last: dict[str, tuple[int, int]] = {}
-    count = 0
+    count, skipped = 0, False
+    usable = []
     for fi, path in enumerate(files):
-        for li, entry in enumerate(_iter_jsonl(path)):
+        entries, some_skipped = _entries(path)
+        usable.append(entries)
+        skipped = skipped or some_skipped
+        for li, entry in enumerate(entries):
             count += 1
-            if isinstance(entry.get("path"), str):
-                last[entry["path"]] = (fi, li)
-    if parts or count != len(last):
+            last[entry["path"]] = (fi, li)
+    if parts or skipped or count != len(last):
         keep = set(last.values())
         lines = [
             json.dumps(entry)
-            for fi, path in enumerate(files)
-            for li, entry in enumerate(_iter_jsonl(path))
+            for fi, entries in enumerate(usable)
+            for li, entry in enumerate(entries)
             if (fi, li) in keep
         ]
         _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
@@ -569,7 +701,7 @@ def merge_parts(out_dir: Path) -> None:
     # Error parts are this run's (rank 0 removed older ones at the start).
     error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
     if error_parts:
-        data = b"".join(p.read_bytes() for p in error_parts)
+        data = b"".join(read_bytes(p) or b"" for p in error_parts)
         if data:
             _write_durable(out_dir / ERRORS, data)
         for part in error_parts:

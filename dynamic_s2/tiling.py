@@ -9,7 +9,7 @@ Python code runs per tile.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,17 @@ from . import _checks
 from .plan import TilePlan
 
 __all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images", "tile_pil"]
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    """``size`` as ``(h, w)`` of positive ints, or a ``TypeError`` / ``ValueError`` naming it."""
+    if isinstance(size, str | bytes) or not isinstance(size, Sequence) or len(size) != 2:
+        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"size must be a pair (h, w) of positive ints, got {tuple(size)!r}")
+    return (int(size[0]), int(size[1]))
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
@@ -43,7 +54,10 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
         >>> resize(torch.zeros(3, 40, 60, dtype=torch.uint8), (20, 30)).dtype
         torch.uint8
     """
-    size = (int(size[0]), int(size[1]))
+    size = _check_size(size)
+    if not isinstance(images, torch.Tensor) or images.dim() < 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [..., C, H, W] tensor, got {shape}")
     if tuple(images.shape[-2:]) == size:
         return images
     lead = images.shape[:-3]
@@ -63,6 +77,40 @@ def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = Tru
         out = out.round_().clamp_(0, 255)
     out = out.to(images.dtype)
     return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out
+
+
+#: Rows (or columns) of a uint8 image widened to float32 at a time on the CPU, see
+#: :func:`_resize_widened`; ``None`` widens the whole image at once (the former path, kept for
+#: ``benchmarks/memory.py``).
+_BAND = 256
+
+
+def _resize_widened(
+    src: torch.Tensor, size: tuple[int, int], widen: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``resize(widen(src), size)`` for uint8 ``src`` on the CPU, bit for bit, without ever holding
+    a full-size float copy of ``src``.
+
+    Torch's CPU antialiased bicubic is separable and resizes the width first: each row of the
+    width pass depends on one input row only, so rows are widened and resized in bands, and the
+    height pass runs on the (narrow) result. With the width unchanged, the height pass depends on
+    one column only, so columns go in bands instead. ``widen`` is elementwise.
+    """
+    h, w = src.shape[-2:]
+    if _BAND is None or src.device.type != "cpu" or (h, w) == size:
+        return resize(widen(src), size)
+    oh, ow = size
+    if ow != w:
+        wide = torch.empty((*src.shape[:-1], ow), dtype=torch.float32)
+        for r in range(0, h, _BAND):
+            band = widen(src[..., r : r + _BAND, :])
+            wide[..., r : r + _BAND, :] = resize(band, (band.shape[-2], ow))
+        return resize(wide, size)
+    out = torch.empty((*src.shape[:-2], oh, w), dtype=torch.float32)
+    for c in range(0, w, _BAND):
+        band = widen(src[..., c : c + _BAND])
+        out[..., c : c + _BAND] = resize(band, (oh, band.shape[-1]))
+    return out
 
 
 def cut_grid(canvas: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -300,6 +348,8 @@ def tile_images(
     Each image is resized to the content size of every scale (bicubic, antialias, align_corners
     False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
     tiles. Output dtype: float32 for uint8 input, the input dtype otherwise; on the input device.
+    On the CPU a uint8 image is never widened to float32 whole: it is normalised and resized in
+    bands of rows (or columns), with results identical to widening it whole.
 
     Returns:
         A :class:`TileBatch` with tiles ordered image-major, scale ascending, row-major.
@@ -330,6 +380,7 @@ def _tile(
     """:func:`tile_images` on checked arguments (the chain calls this directly)."""
     channels = items[0].shape[0]
     uint8 = items[0].dtype == torch.uint8
+    widen_first = uint8 and not uint8_resize  # normalised before the resize (in float32)
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device
     t = plan_list[0].tile_size
@@ -358,10 +409,10 @@ def _tile(
             if len(members) == 1
             else torch.stack([items[b] for b in members])
         )
-        if uint8 and not uint8_resize:  # resize is linear: normalising first is equivalent
-            stack = normalise(stack)
-        elif uint8 and device.type == "cpu":  # the layout torch's uint8 kernel wants, made once
-            stack = stack.contiguous(memory_format=torch.channels_last)
+        if widen_first and device.type != "cpu":  # resize is linear: normalising first is
+            stack = normalise(stack)  # equivalent; on the CPU it is done in bands, per resize
+        elif uint8 and uint8_resize and device.type == "cpu":  # the layout torch's uint8
+            stack = stack.contiguous(memory_format=torch.channels_last)  # kernel wants, once
         work: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]
         work = defaultdict(list)
         for row, b in enumerate(members):
@@ -370,7 +421,10 @@ def _tile(
         for (content, grid), jobs in work.items():
             rows = [row for row, _ in jobs]
             src = stack if rows == list(range(stack.shape[0])) else stack[rows]
-            resized = resize(src, content)
+            if widen_first and device.type == "cpu":
+                resized = _resize_widened(src, content, normalise)
+            else:
+                resized = resize(src, content)
             ch, cw = grid[0] * t, grid[1] * t
             if content != (ch, cw):
                 if resized.dtype == torch.uint8:

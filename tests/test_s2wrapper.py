@@ -472,7 +472,7 @@ def _identity_tokens(x: torch.Tensor) -> torch.Tensor:
         ((1, 3, 8, 8), {"img_sizes": [10], "max_split_size": 4}, ValueError, r"img_sizes.*10"),
         ((1, 3, 8, 8), {"scales": [1.25], "max_split_size": 4}, ValueError, r"scales.*10"),
         ((1, 3, 12, 8), {"scales": [1]}, ValueError, r"max_split_size.*None"),
-        ((1, 3, 8, 8), {"scales": [1], "max_split_size": 0}, ValueError, r"max_split_size.*0"),
+        ((1, 3, 8, 8), {"scales": [1], "max_split_size": -1}, ValueError, r"max_split_size.*-1"),
         ((1, 3, 8, 8), {"scales": [1], "resize_output_to_idx": 1}, ValueError, r"resize_output"),
         ((1, 3, 8, 8), {"scales": [1], "num_prefix_token": -1}, ValueError, r"num_prefix_token"),
         ((1, 3, 8, 8), {"scales": []}, ValueError, r"scales"),

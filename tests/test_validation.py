@@ -1486,10 +1486,10 @@ if s2wrapper is not None:
         ),
         (
             "max-batch-tiles",
-            "s2-max_split_size-zero",
+            "s2-max_split_size-negative",  # 0 means the default, as in the original
             ValueError,
-            names("max_split_size", r"\b0\b"),
-            _s2([1], max_split_size=0),
+            names("max_split_size", r"-1\b"),
+            _s2([1], max_split_size=-1),
         ),
         (
             "scales",
@@ -1835,6 +1835,182 @@ if nvila is not None:
     ]
     for _cat, _name, _error, _pattern, _call in _NV:
         case(_cat, _name, _error, _pattern, _call)
+
+
+# ---- issue 11: options that were ignored, unbounded work, unclear errors ---------------------
+
+
+def _hf_vit() -> Any:
+    transformers = importlib.import_module("transformers")
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32,
+    )  # fmt: skip
+    return transformers.ViTModel(config, add_pooling_layer=False)
+
+
+def _huge_grid_plan() -> Any:
+    data = _dict()
+    data["scales"][0].update(grid=[100_000, 100_000], content_size=[3_200_000, 3_200_000])
+    data["fit"] = "pad"
+    return TilePlan.from_dict(data)
+
+
+def _nvila_rule_broken() -> Any:
+    data = plan_tiles(40, 60, (32, 64), policy="nvila").to_dict()
+    data["scales"][0].update(grid=[1, 2], content_size=[32, 64])
+    return TilePlan.from_dict(data)
+
+
+_WITH_PREFIX = dynamic_s2.MultiScaleFeatures(torch.ones(2, 3), [(1, 2)], prefix=torch.ones(1, 1, 3))
+_WITHOUT_PREFIX = dynamic_s2.MultiScaleFeatures(torch.ones(2, 3), [(1, 2)])
+_ISSUE_11: list[tuple[str, str, type[Exception], str, Callable[[], object]]] = [
+    (
+        "feature-layer",
+        "as_backbone-out-of-range",
+        ValueError,
+        names("feature_layer", r"\b5\b"),
+        lambda: as_backbone(_hf_vit(), feature_layer=5),
+    ),
+    (
+        "feature-layer",
+        "forward-non-hf-backbone",
+        ValueError,
+        names("feature_layer=-2", "Backbone"),
+        lambda: forward(Backbone(TOK), IMAGES, SCALES, feature_layer=-2),
+    ),
+    (
+        "feature-layer",
+        "DynamicS2-out-of-range",
+        ValueError,
+        names("feature_layer", r"-9\b"),
+        lambda: DynamicS2(_hf_vit(), SCALES, feature_layer=-9),
+    ),
+    (
+        "scales-plans",
+        "forward-plans-policy",
+        ValueError,
+        names("policy='nvila'", r"plans\[0\]"),
+        lambda: forward(TOK, IMAGES, plans=PLANS, policy="nvila"),
+    ),
+    (
+        "scales-plans",
+        "forward-plans-fit",
+        ValueError,
+        names("fit='pad'", r"plans\[0\]"),
+        lambda: forward(TOK, IMAGES, plans=PLANS, fit="pad"),
+    ),
+    (
+        "scales-plans",
+        "forward-plans-max_tiles",
+        ValueError,
+        names("max_tiles=1", r"plans\[0\]"),
+        lambda: forward(TOK, IMAGES, plans=PLANS, max_tiles=1),
+    ),
+    (
+        "mean-std",
+        "DynamicS2-mean-std-lengths",
+        ValueError,
+        names("mean", "std", r"\(0\.5, 0\.5\)"),
+        lambda: DynamicS2(TOK, SCALES, mean=(0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    ),
+    (
+        "prefix",
+        "DynamicS2-prefix-with-maps",
+        ValueError,
+        names("num_prefix_tokens=2", "maps"),
+        lambda: DynamicS2(Backbone(MAPS, name="torchvision"), SCALES, num_prefix_tokens=2),
+    ),
+    (
+        "max-tiles",
+        "plan_tiles-above-MAX_TILES",
+        ValueError,
+        names("max_tiles", str(dynamic_s2.plan.MAX_TILES + 1)),
+        lambda: plan_tiles(40, 60, SCALES, max_tiles=dynamic_s2.plan.MAX_TILES + 1, policy="nvila"),
+    ),
+    ("from-dict", "from_dict-huge-grid", ValueError, names(r"grid", "MAX_TILES"), _huge_grid_plan),
+    (
+        "from-dict",
+        "from_dict-nvila-rule",
+        ValueError,
+        names("policy='nvila'", r"\(1, 2\)"),
+        _nvila_rule_broken,
+    ),
+    (
+        "pad-to-multiple",
+        "forward-pad_to_multiple-huge",
+        ValueError,
+        names("pad_to_multiple", "1000000000"),
+        lambda: forward(TOK, IMAGES, SCALES, pad_to_multiple=10**9),
+    ),
+    (
+        "resize",
+        "resize-zero",
+        ValueError,
+        names("size", r"\(0, 5\)"),
+        lambda: dynamic_s2.tiling.resize(torch.rand(3, 8, 8), (0, 5)),
+    ),
+    (
+        "resize",
+        "resize-scalar",
+        TypeError,
+        names("size", r"\b5\b"),
+        lambda: dynamic_s2.tiling.resize(torch.rand(3, 8, 8), 5),
+    ),  # type: ignore[arg-type]
+    (
+        "tile-features",
+        "MultiScaleFeatures-negative",
+        ValueError,
+        names(r"sizes\[0\]", "-1"),
+        lambda: dynamic_s2.MultiScaleFeatures(torch.zeros(0, 2), [(-1, 2)]),
+    ),
+    (
+        "tile-features",
+        "cat-mixed-prefix",
+        ValueError,
+        names("prefix", r"\[True, False\]"),
+        lambda: dynamic_s2.MultiScaleFeatures.cat([_WITH_PREFIX, _WITHOUT_PREFIX]),
+    ),
+    (
+        "model-output",
+        "s2wrapper-channels-per-scale",
+        ValueError,
+        names(r"maps\[1\]", "channels"),
+        lambda: s2wrapper.forward(  # type: ignore[union-attr]
+            _alternating_channels(), torch.rand(1, 3, 16, 16), [1, 2], output_shape="bchw"
+        ),
+    ),
+    (
+        "backbone-spec",
+        "load_backbone-missing",
+        ValueError,
+        names("spec", "hf:/missing"),
+        lambda: dynamic_s2.load_backbone("hf:/missing"),
+    ),
+]
+if nvila is not None:
+    _ISSUE_11.append(
+        (
+            "channels",
+            "nvila-channels-first-numpy",
+            ValueError,
+            names(r"\(3, 60, 4\)", "channels"),
+            lambda: nvila.preprocess(np.zeros((3, 60, 4), np.uint8), (32, 64)),
+        )
+    )
+
+
+def _alternating_channels() -> Callable[[torch.Tensor], torch.Tensor]:
+    calls = iter(range(1000))
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 2)[:, : 2 + next(calls) % 2]
+
+    return model
+
+
+for _cat, _name, _error, _pattern, _call in _ISSUE_11:
+    case(_cat, _name, _error, _pattern, _call)
 
 
 # ---------------------------------------------------------------------------------------------
