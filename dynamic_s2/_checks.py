@@ -121,9 +121,9 @@ def int_pair(name: str, value: Any) -> tuple[int, int]:
         >>> int_pair("grid", [2, 3])
         (2, 3)
     """
-    if not is_sequence(value) or len(value) != 2:
+    if not is_sequence(value) or len(value) != 2 or not all(is_int(v) for v in value):
         raise TypeError(f"{name} must be a pair of positive ints, got {value!r}")
-    if not all(is_int(v) and v > 0 for v in value):
+    if not all(v > 0 for v in value):
         raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
     return (int(value[0]), int(value[1]))
 
