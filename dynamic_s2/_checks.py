@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
@@ -22,10 +23,12 @@ from typing import Any, TypeVar
 
 __all__ = [
     "boolean",
+    "check_scales",
     "index",
     "int_pair",
     "is_int",
     "is_sequence",
+    "max_tiles",
     "non_negative_int",
     "one_of",
     "optional",
@@ -118,9 +121,9 @@ def int_pair(name: str, value: Any) -> tuple[int, int]:
         >>> int_pair("grid", [2, 3])
         (2, 3)
     """
-    if not is_sequence(value) or len(value) != 2:
+    if not is_sequence(value) or len(value) != 2 or not all(is_int(v) for v in value):
         raise TypeError(f"{name} must be a pair of positive ints, got {value!r}")
-    if not all(is_int(v) and v > 0 for v in value):
+    if not all(v > 0 for v in value):
         raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
     return (int(value[0]), int(value[1]))
 
@@ -197,3 +200,67 @@ def stats(name: str, value: Any, channels: int | None = None) -> float | tuple[f
     if channels is not None and len(values) != channels:
         raise ValueError(f"{name} needs {channels} values (one per channel), got {value!r}")
     return values
+
+
+#: The smallest pixel scale: smaller numbers are relative factors of the original S2-Wrapper.
+MIN_SCALE = 16
+
+
+def check_scales(scales: Any) -> tuple[int, ...]:
+    """Pixel scales: ints >= :data:`MIN_SCALE`, strictly increasing, as a tuple.
+
+    Examples:
+        >>> check_scales([448, 896])
+        (448, 896)
+    """
+    if isinstance(scales, int | float) and not isinstance(scales, bool):
+        scales = (scales,)
+    if not is_sequence(scales):
+        raise TypeError(
+            f"scales must be a sequence of int pixel sizes such as (448, 896, 1344), got {scales!r}"
+        )
+    if len(scales) == 0:
+        raise ValueError("scales must not be empty; give pixel sizes such as (448, 896, 1344)")
+    for s in scales:
+        if isinstance(s, float) or (is_int(s) and s < MIN_SCALE):
+            raise ValueError(
+                f"scales are pixel sizes (ints >= {MIN_SCALE}, e.g. (448, 896, 1344)), got "
+                f"{tuple(scales)!r}; relative factors such as (1, 2) or (0.5, 1.0) belong to the "
+                "original S2-Wrapper: use dynamic_s2.s2wrapper.forward for those"
+            )
+        if not is_int(s):
+            raise TypeError(f"scales must be ints (pixel sizes), got {s!r} in {tuple(scales)!r}")
+    out = tuple(int(s) for s in scales)
+    if any(a >= b for a, b in itertools.pairwise(out)):
+        raise ValueError(f"scales must be strictly increasing without duplicates, got {out!r}")
+    return out
+
+
+def _tile_count(name: str, value: Any, limit: int) -> int:
+    count = positive_int(name, value)
+    if count > limit:
+        raise ValueError(f"{name} must be at most MAX_TILES = {limit} per scale, got {count!r}")
+    return count
+
+
+def max_tiles(value: Any, n_scales: int, limit: int) -> tuple[int, ...] | int | None:
+    """A tile budget: ``None``, one int, or one non-decreasing int per scale, each <= ``limit``.
+
+    Examples:
+        >>> max_tiles([2, 6], 2, 100)
+        (2, 6)
+    """
+    if value is None:
+        return None
+    if is_int(value):
+        return _tile_count("max_tiles", value, limit)
+    if is_sequence(value):
+        if len(value) != n_scales:
+            raise ValueError(
+                f"max_tiles must have one entry per scale ({n_scales}), got {tuple(value)!r}"
+            )
+        caps = tuple(_tile_count("max_tiles", m, limit) for m in value)
+        if any(a > b for a, b in itertools.pairwise(caps)):
+            raise ValueError(f"max_tiles per scale must be non-decreasing, got {caps!r}")
+        return caps
+    raise TypeError(f"max_tiles must be None, an int or one int per scale, got {value!r}")

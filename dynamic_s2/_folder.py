@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -21,10 +22,14 @@ __all__ = [
     "LOCK",
     "FolderBusyError",
     "acquire_lock",
+    "append_durable",
+    "drop_torn_tail",
+    "fsync_dir",
     "open_append",
     "open_regular",
     "read_bytes",
     "release_lock",
+    "write_durable",
 ]
 
 #: The lock file that names the one process writing a folder (see :func:`acquire_lock`).
@@ -131,3 +136,56 @@ def release_lock(fd: int | None) -> None:
     """
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+# ----------------------------------------------------------------------------------------------
+# durable writes
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
+
+    The temporary file is created afresh (``O_EXCL``, never through a symbolic link)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, not followed
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def append_durable(f: IO[str], lines: Sequence[str]) -> None:
+    """Append ``lines`` (each without its newline) to the open text file ``f`` and fsync it."""
+    if not lines:
+        return
+    f.write("".join(line + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
+    data = read_bytes(path)
+    if data and not data.endswith(b"\n"):
+        fd = open_regular(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from . import _checks
 from . import plan as _plan
 from ._aspect import area_price, aspect_dp, aspect_tables
 from .plan import TilePlan, check_scales, grid_aspect_error, plan_tiles
@@ -247,14 +248,4 @@ def _check_sizes(sizes: Any) -> list[tuple[int, int]]:
         raise TypeError(f"sizes must be a sequence of (height, width) pairs, got {sizes!r}")
     if len(sizes) == 0:
         raise ValueError("sizes must not be empty; give one (height, width) per image")
-    out = []
-    for i, hw in enumerate(sizes):
-        if isinstance(hw, str | bytes) or not isinstance(hw, Sequence) or len(hw) != 2:
-            raise TypeError(f"sizes[{i}] must be a (height, width) pair, got {hw!r}")
-        for v in hw:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"sizes[{i}] must hold two positive ints, got {hw!r}")
-            if v <= 0:
-                raise ValueError(f"sizes[{i}] must hold two positive ints, got {hw!r}")
-        out.append((int(hw[0]), int(hw[1])))
-    return out
+    return [_checks.int_pair(f"sizes[{i}]", hw) for i, hw in enumerate(sizes)]

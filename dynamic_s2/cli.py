@@ -9,15 +9,21 @@ read some images (listed in ``errors.jsonl``), 1 for other failures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import options
+from ._cli_args import (
+    _add_option_flags,
+    _non_negative_int,
+    _options,
+    _positive_int,
+    _UsageError,
+)
 from ._optional import require
 from .plan import TilePlan
 
@@ -30,78 +36,6 @@ EXIT_SOME_FAILED = 3  # equals dynamic_s2.extract.EXIT_SOME_FAILED
 
 DEMO_SCALES = (224, 448, 672)
 _DEMO_BACKBONE = "efficientnet-lite0"
-
-
-class _UsageError(Exception):
-    """A bad argument found after parsing; reported like an argparse error (exit status 2)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# argument types
-
-
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def _non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
-
-
-def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type from an option's parser: its ``ValueError`` becomes a usage error."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-def _add_option_flags(p: argparse.ArgumentParser, *stages: str) -> None:
-    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``.
-
-    Each flag's default is the field's default, so the parsed namespace holds every option.
-    """
-    group = p.add_argument_group("pipeline options (see dynamic_s2.S2Options)")
-    for f in dataclasses.fields(options.S2Options):
-        meta = f.metadata
-        if meta["stage"] not in stages:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default_text = "" if f.default is None or f.default is False else f" (default {f.default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default}
-        if f.default is False and meta["parse"] is None and meta["choices"] is None:
-            kwargs["action"] = "store_true"
-        elif meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-        else:
-            kwargs["type"] = _flag_type(meta["parse"])
-            kwargs["metavar"] = meta["metavar"]
-        group.add_argument(flag, help=meta["help"] + default_text, **kwargs)
-
-
-def _options(args: argparse.Namespace) -> options.S2Options:
-    """The :class:`~dynamic_s2.options.S2Options` given by the flags."""
-    names = {f.name for f in dataclasses.fields(options.S2Options)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    try:
-        return options.S2Options(**given)
-    except (ValueError, TypeError) as exc:
-        raise _UsageError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,30 +361,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # parser and entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dynamic-s2`` (one sub-parser per command).
-
-    Examples:
-        >>> from dynamic_s2.cli import build_parser
-        >>> args = build_parser().parse_args(["plan", "1080x1920", "--scales", "448,896"])
-        >>> args.command, args.scales
-        ('plan', (448, 896))
-    """
-    try:
-        from importlib.metadata import version
-
-        version_text = version("dynamic_s2")
-    except Exception:
-        version_text = "unknown"
-    parser = argparse.ArgumentParser(
-        prog="dynamic-s2",
-        description="Dynamic-S2 multi-scale tiling: print and draw tiling plans, extract "
-        "multi-scale features from folders of images, run a demo.",
-        epilog="Run 'dynamic-s2 COMMAND --help' for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"dynamic_s2 {version_text}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_plan_command(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="print the tile grid of every scale for images or sizes",
@@ -471,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plans as JSON (to_dict)")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_draw_command(sub: Any) -> None:
     p = sub.add_parser(
         "draw",
         help="draw an image at every scale with its tile grid",
@@ -484,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_draw)
 
+
+def _add_extract_command(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
         help="extract multi-scale features of image files and folders into safetensors shards",
@@ -543,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.set_defaults(func=_cmd_extract)
 
+
+def _add_demo_command(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="extract features of the example photos and draw plans and PCA pictures",
@@ -565,6 +482,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dynamic-s2`` (one sub-parser per command).
+
+    Examples:
+        >>> from dynamic_s2.cli import build_parser
+        >>> args = build_parser().parse_args(["plan", "1080x1920", "--scales", "448,896"])
+        >>> args.command, args.scales
+        ('plan', (448, 896))
+    """
+    try:
+        from importlib.metadata import version
+
+        version_text = version("dynamic_s2")
+    except Exception:
+        version_text = "unknown"
+    parser = argparse.ArgumentParser(
+        prog="dynamic-s2",
+        description="Dynamic-S2 multi-scale tiling: print and draw tiling plans, extract "
+        "multi-scale features from folders of images, run a demo.",
+        epilog="Run 'dynamic-s2 COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"dynamic_s2 {version_text}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_plan_command(sub)
+    _add_draw_command(sub)
+    _add_extract_command(sub)
+    _add_demo_command(sub)
     return parser
 
 

@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 from . import _checks
 from ._aspect import aspect_dp, aspect_tables
+from ._checks import check_scales as check_scales
+from ._nvila_policy import _nvila_candidates as _nvila_candidates
+from ._nvila_policy import nvila_grids, nvila_limited, nvila_lower_grids
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
@@ -68,7 +71,6 @@ ASPECT_TILE_PRICE: float = 0.02
 #: Default tile cap of the ``"aspect"`` policy, as a multiple of the scale's target tile count k².
 ASPECT_DEFAULT_CAP: float = 3.0
 
-_MIN_SCALE = 16
 #: The most tiles of one scale: the largest ``max_tiles`` (per scale) and the largest grid
 #: :meth:`TilePlan.from_dict` accepts. Blank or huge plans cost memory like real tiles; no use of
 #: multi-scale tiling comes near (NVILA uses 12, three S2 scales 14 in all).
@@ -137,7 +139,7 @@ class ScalePlan:
             >>> sp.grid, sp.content_size, sp.feature_size(32)
             ((1, 3), (403, 1344), (29, 96))
         """
-        n = _check_positive_int("tokens_per_side", tokens_per_side)
+        n = _checks.positive_int("tokens_per_side", tokens_per_side)
         t = self.tile_size
         return (
             -(-self.content_size[0] * n // t),
@@ -269,8 +271,8 @@ class TilePlan:
             raise ValueError(
                 f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}"
             )
-        image_size = _size_pair("image_size", data["image_size"])
-        tile = _check_positive_int("tile_size", data["tile_size"])
+        image_size = _checks.int_pair("image_size", data["image_size"])
+        tile = _checks.positive_int("tile_size", data["tile_size"])
         policy = data.get("policy", "aspect")
         fit = data.get("fit", "stretch")
         if policy not in POLICIES:
@@ -287,10 +289,10 @@ class TilePlan:
             if {"scale", "grid", "content_size"} - set(entry):
                 raise ValueError(f"scales[{i}] needs scale, grid and content_size, got {entry!r}")
             sp = ScalePlan(
-                _check_positive_int(f"scales[{i}].scale", entry["scale"]),
-                _size_pair(f"scales[{i}].grid", entry["grid"]),
+                _checks.positive_int(f"scales[{i}].scale", entry["scale"]),
+                _checks.int_pair(f"scales[{i}].grid", entry["grid"]),
                 tile,
-                _size_pair(f"scales[{i}].content_size", entry["content_size"]),
+                _checks.int_pair(f"scales[{i}].content_size", entry["content_size"]),
             )
             if sp.num_tiles > MAX_TILES:
                 raise ValueError(
@@ -332,74 +334,11 @@ def _check_nvila_rule(scales: Sequence[ScalePlan]) -> None:
             f"a policy='nvila' plan needs scales that are multiples of the first, got {list(sc)}"
         )
     lower = [sp.grid for sp in scales[:-1]]
-    if lower != _nvila_lower_grids(sc):
+    if lower != nvila_lower_grids(sc):
         raise ValueError(
-            f"a policy='nvila' plan has the grids {_nvila_lower_grids(sc)} below its last scale "
+            f"a policy='nvila' plan has the grids {nvila_lower_grids(sc)} below its last scale "
             f"(k x k, k = scale // {sc[0]}), got {lower}"
         )
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _size_pair(name: str, value: Any) -> tuple[int, int]:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"{name} must be a pair of positive ints, got {value!r}")
-    return (_check_positive_int(name, value[0]), _check_positive_int(name, value[1]))
-
-
-def check_scales(scales: Any) -> tuple[int, ...]:
-    """Validate pixel scales (ints >= 16, strictly increasing) and return them as a tuple."""
-    if isinstance(scales, int | float) and not isinstance(scales, bool):
-        scales = (scales,)
-    if isinstance(scales, str | bytes) or not isinstance(scales, Sequence):
-        raise TypeError(
-            f"scales must be a sequence of int pixel sizes such as (448, 896, 1344), got {scales!r}"
-        )
-    if len(scales) == 0:
-        raise ValueError("scales must not be empty; give pixel sizes such as (448, 896, 1344)")
-    for s in scales:
-        if isinstance(s, float) or (isinstance(s, int) and not isinstance(s, bool) and s < 16):
-            raise ValueError(
-                f"scales are pixel sizes (ints >= {_MIN_SCALE}, e.g. (448, 896, 1344)), got "
-                f"{tuple(scales)!r}; relative factors such as (1, 2) or (0.5, 1.0) belong to the "
-                "original S2-Wrapper: use dynamic_s2.s2wrapper.forward for those"
-            )
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise TypeError(f"scales must be ints (pixel sizes), got {s!r} in {tuple(scales)!r}")
-    out = tuple(scales)
-    if any(a >= b for a, b in itertools.pairwise(out)):
-        raise ValueError(f"scales must be strictly increasing without duplicates, got {out!r}")
-    return out
-
-
-def _check_tile_count(name: str, value: Any) -> int:
-    count = _check_positive_int(name, value)
-    if count > MAX_TILES:
-        raise ValueError(f"{name} must be at most MAX_TILES = {MAX_TILES} per scale, got {count!r}")
-    return count
-
-
-def _check_max_tiles(max_tiles: Any, n_scales: int) -> tuple[int, ...] | int | None:
-    if max_tiles is None:
-        return None
-    if isinstance(max_tiles, int) and not isinstance(max_tiles, bool):
-        return _check_tile_count("max_tiles", max_tiles)
-    if isinstance(max_tiles, Sequence) and not isinstance(max_tiles, str | bytes):
-        if len(max_tiles) != n_scales:
-            raise ValueError(
-                f"max_tiles must have one entry per scale ({n_scales}), got {tuple(max_tiles)!r}"
-            )
-        caps = tuple(_check_tile_count("max_tiles", m) for m in max_tiles)
-        if any(a > b for a, b in itertools.pairwise(caps)):
-            raise ValueError(f"max_tiles per scale must be non-decreasing, got {caps!r}")
-        return caps
-    raise TypeError(f"max_tiles must be None, an int or one int per scale, got {max_tiles!r}")
 
 
 def check_settings(
@@ -412,14 +351,14 @@ def check_settings(
         ((448, 896), 448, 6)
     """
     sc = check_scales(scales)
-    t = sc[0] if tile_size is None else _check_positive_int("tile_size", tile_size)
+    t = sc[0] if tile_size is None else _checks.positive_int("tile_size", tile_size)
     if sc[0] < t:
         raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    return sc, t, _check_max_tiles(max_tiles, len(sc))
+    return sc, t, _checks.max_tiles(max_tiles, len(sc), MAX_TILES)
 
 
 # --------------------------------------------------------------------------------------- public
@@ -529,13 +468,13 @@ def _plan_uncached(
     max_upscale: Any = None,
     tile_price: float | None = None,
 ) -> TilePlan:
-    h = _check_positive_int("height", height)
-    w = _check_positive_int("width", width)
+    h = _checks.positive_int("height", height)
+    w = _checks.positive_int("width", width)
     sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
     upscale = _checks.optional(_checks.positive_number, "max_upscale", max_upscale)
     price = ASPECT_TILE_PRICE if tile_price is None else tile_price
     if policy == "nvila":
-        grids = _nvila_grids(h, w, sc, t, caps)
+        grids = nvila_grids(h, w, sc, t, caps)
     else:
         prices = _prices(price)
         tables = aspect_tables(h, w, sc, t, _scale_caps(sc, t, caps), fit, None, prices)
@@ -545,7 +484,7 @@ def _plan_uncached(
         if any(r > limit[0] or c > limit[1] for r, c in grids):
             bound = [r * c for r, c in grids]
             if policy == "nvila":
-                grids = _nvila_limited(h, w, sc, t, caps, limit, bound[-1])
+                grids = nvila_limited(h, w, sc, t, caps, limit, bound[-1])
             else:
                 scale_caps = _scale_caps(sc, t, caps)
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
@@ -620,11 +559,6 @@ def _prices(tile_price: float) -> tuple[float, float, float]:
     return (ASPECT_AREA_PRICE_UP, ASPECT_AREA_PRICE_DOWN, tile_price)
 
 
-def _nvila_lower_grids(sc: tuple[int, ...]) -> list[tuple[int, int]]:
-    """NVILA's square ``k × k`` grids of every scale but the last, ``k = scale // scales[0]``."""
-    return [(s // sc[0], s // sc[0]) for s in sc[:-1]]
-
-
 def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> TilePlan:
     """The ``policy="nvila"`` plan whose last scale has the grid ``block_size`` (rows, cols).
 
@@ -638,7 +572,7 @@ def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> 
     sc = check_scales(scales)
     if any(s % sc[0] for s in sc):
         raise ValueError(f"scales must be multiples of the first (NVILA), got {sc!r}")
-    grids = [*_nvila_lower_grids(sc), _size_pair("block_size", block_size)]
+    grids = [*nvila_lower_grids(sc), _checks.int_pair("block_size", block_size)]
     t = sc[0]
     canvas = (grids[-1][0] * t, grids[-1][1] * t)
     return TilePlan(
@@ -651,95 +585,3 @@ def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> 
         "nvila",
         "stretch",
     )
-
-
-@lru_cache(maxsize=256)
-def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
-    # NVILA builds a Python set with three nested loops (n, then i, j in 1..n, kept when
-    # min_num <= i*j <= max_num) and sorts it by area; among equal areas the set's iteration order
-    # decides. That order depends only on the order in which distinct pairs are first added, so
-    # the same pairs are added in the same first-seen order, without the cubic loops: at n, the
-    # new pairs are those with max(i, j) = n, met as (i, n) for i < n, then (n, j) for j <= n.
-    ratios: set[tuple[int, int]] = set()
-    for n in range(min_num, max_num + 1):
-        if n == min_num:
-            firsts = [(i, j) for i in range(1, n + 1) for j in range(1, n + 1)]
-        else:
-            firsts = [(i, n) for i in range(1, min(n - 1, max_num // n) + 1)]
-            firsts += [(n, j) for j in range(1, min(n, max_num // n) + 1)]
-        ratios.update(r for r in firsts if min_num <= r[0] * r[1] <= max_num)
-    return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
-
-
-def _nvila_grids(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
-    caps: tuple[int, ...] | int | None,
-) -> list[tuple[int, int]]:
-    base = sc[0]
-    for s in sc:
-        if s % base:
-            raise ValueError(
-                f"policy='nvila' needs every scale to be a multiple of the first, got {sc!r}"
-            )
-    if isinstance(caps, tuple):
-        raise ValueError(
-            f"policy='nvila' takes max_tiles as one int (NVILA's max_num), got {caps!r}"
-        )
-    min_num = (sc[-1] // base) ** 2
-    max_num = 12 if caps is None else caps
-    if max_num < min_num:
-        raise ValueError(
-            f"max_tiles={max_num} is below the {min_num} tiles policy='nvila' needs at scale "
-            f"{sc[-1]} (({sc[-1]} // {base})²)"
-        )
-    grids = _nvila_lower_grids(sc)
-    grids.append(_nvila_walk(h, w, t, _nvila_candidates(min_num, max_num)))
-    return grids
-
-
-def _nvila_walk(h: int, w: int, t: int, candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """NVILA's choice among ``(cols, rows)`` candidates, returned as ``(rows, cols)``."""
-    aspect = w / h
-    area = w * h
-    best_diff = math.inf
-    best = (1, 1)
-    for i, j in candidates:  # i columns, j rows
-        diff = abs(aspect - i / j)
-        if diff < best_diff:
-            best_diff, best = diff, (i, j)
-        elif diff == best_diff and area > 0.5 * t * t * i * j:
-            best = (i, j)
-    return (best[1], best[0])
-
-
-def _nvila_limited(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
-    caps: tuple[int, ...] | int | None,
-    limit: tuple[int, int],
-    bound: int,
-) -> list[tuple[int, int]]:
-    """``policy="nvila"`` under ``max_upscale``: where it departs from NVILA.
-
-    Every scale but the last: ``k × k`` clipped to the limit. The last: NVILA's walk over its
-    candidates inside the limit with at most ``bound`` tiles (the unlimited plan's count); when
-    none is left, ``K × K`` clipped to the limit, ``K = scales[-1] // scales[0]``.
-    """
-    max_rows, max_cols = limit
-    lower = [(min(r, max_rows), min(c, max_cols)) for r, c in _nvila_lower_grids(sc)]
-    base = sc[0]
-    min_num = (sc[-1] // base) ** 2
-    max_num = caps if isinstance(caps, int) else 12  # _nvila_grids has rejected per-scale caps
-    inside = [
-        (i, j)
-        for i, j in _nvila_candidates(min_num, max_num)
-        if j <= max_rows and i <= max_cols and i * j <= bound
-    ]
-    k = sc[-1] // base
-    last = _nvila_walk(h, w, t, inside) if inside else (min(k, max_rows), min(k, max_cols))
-    return [*lower, last]

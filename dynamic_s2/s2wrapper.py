@@ -169,11 +169,6 @@ def forward(
         out = encode_tiles(backbone, tiles, max_batch_tiles=batch if split_forward else None)
         _check_output(out, tiles.shape[0], output_shape, num_prefix_token)
         prefix, fmap = split_prefix(out, num_prefix_token if output_shape == "bnc" else None)
-        if maps and fmap.shape[-1] != maps[0].shape[-1]:
-            raise ValueError(
-                f"the model returned {fmap.shape[-1]} channels at scale {size}, but "
-                f"{maps[0].shape[-1]} at the first scale: every scale must give one channel count"
-            )
         maps.append(fmap)
         if prefix is not None and prefix.shape[1] > 0:
             prefixes.append(prefix)

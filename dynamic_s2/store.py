@@ -42,21 +42,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._folder import LOCK, FolderBusyError, acquire_lock, open_append, open_regular, read_bytes
+from ._folder import (
+    LOCK,
+    FolderBusyError,
+    acquire_lock,
+    append_durable,
+    drop_torn_tail,
+    fsync_dir,
+    open_append,
+    open_regular,
+    read_bytes,
+    write_durable,
+)
 from ._folder import release_lock as release_lock
 from ._optional import require
+from ._shards import (
+    _PART_RE,
+    _SHARD_RE,
+    CONFIG,
+    ERRORS,
+    FORMAT,
+    MANIFEST,
+    SHARD_MAX_BYTES,
+    DoneKey,
+    ShardWriter,
+    _errors_path,
+    _manifest_path,
+)
 
 if TYPE_CHECKING:
-    from .plan import TilePlan
     from .reader import FeatureDataset
 
 __all__ = [
@@ -83,33 +104,6 @@ __all__ = [
     "verify_shard",
 ]
 
-MANIFEST = "manifest.jsonl"
-ERRORS = "errors.jsonl"
-CONFIG = "extract.json"
-#: The ``format`` written into ``extract.json`` and into every shard's metadata.
-FORMAT = "dynamic_s2.extract/1"
-#: A shard is closed when it holds ``shard_size`` images or this many bytes, whichever comes first.
-SHARD_MAX_BYTES = 1 << 30
-_SHARD_RE = re.compile(r"^shard-(?:r(\d+)-)?(\d+)\.safetensors$")
-_PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
-
-#: The resume key of an image: its path, file size and modification time (ns).
-DoneKey = tuple[str, int, int]
-
-
-def _shard_name(rank: int | None, index: int) -> str:
-    tag = "" if rank is None else f"r{rank}-"
-    return f"shard-{tag}{index:05d}.safetensors"
-
-
-def _manifest_path(out_dir: Path, rank: int | None) -> Path:
-    return out_dir / (MANIFEST if rank is None else f"manifest-r{rank}.jsonl")
-
-
-def _errors_path(out_dir: Path, rank: int | None) -> Path:
-    return out_dir / (ERRORS if rank is None else f"errors-r{rank}.jsonl")
-
-
 # ----------------------------------------------------------------------------------------------
 # durable writes
 
@@ -117,66 +111,6 @@ def _errors_path(out_dir: Path, rank: int | None) -> Path:
 class ManifestWarning(UserWarning):
     """Warned when a line of a manifest or an errors file is unusable; the line is skipped (its
     image is simply extracted again)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync the folder.
-
-    The temporary file is created afresh (``O_EXCL``, never through a symbolic link)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a leftover of a crash, or a planted link: removed, not followed
-    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_shard(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> tuple[int, str]:
-    """Save ``tensors`` as safetensors at ``path`` like :func:`_write_durable`; return the file's
-    size and SHA-256 (hex)."""
-    safetensors_torch = require("safetensors.torch", "demo")
-    data: bytes = safetensors_torch.save(tensors, metadata=metadata)
-    _write_durable(path, data)
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _append_durable(f: IO[str], lines: Sequence[str]) -> None:
-    """Append ``lines`` (each without its newline) to the open text file ``f`` and fsync it."""
-    if not lines:
-        return
-    f.write("".join(line + "\n" for line in lines))
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut an incomplete last line (a write interrupted by a crash) off a JSON-lines file."""
-    data = read_bytes(path)
-    if data and not data.endswith(b"\n"):
-        fd = open_regular(path, os.O_RDWR)
-        try:
-            os.ftruncate(fd, data.rfind(b"\n") + 1)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -221,7 +155,7 @@ def append_error(out_dir: Path, rank: int | None, path: str, error: str, message
     """
     line = json.dumps({"path": path, "error": error, "message": message})
     with open_append(_errors_path(out_dir, rank)) as f:
-        _append_durable(f, [line])
+        append_durable(f, [line])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,137 +276,6 @@ def load_features(
     return tensor
 
 
-class ShardWriter:
-    """Collects features into shards; writes each shard durably, and only then its manifest lines.
-
-    Opening the writer opens (creates) the manifest, ``manifest.jsonl`` or rank ``rank``'s part,
-    for appending. :meth:`add` writes the shard being filled once it is full; :meth:`flush` writes
-    it whatever its size. Closing does not flush: a run that fails half-way leaves no partial shard.
-
-    Args:
-        out_dir: the extraction folder.
-        rank: the rank of a distributed run, or ``None`` without torch.distributed.
-        first_index: the number of the first shard to write (from :func:`recover`).
-        shard_size: the most images per shard.
-        metadata: safetensors metadata of every shard.
-        max_bytes: the most tensor bytes per shard (checked after each image).
-
-    Attributes:
-        written: the shard files written so far.
-
-    Examples:
-        >>> import tempfile, pathlib, torch
-        >>> from dynamic_s2 import plan_tiles
-        >>> out, plan = pathlib.Path(tempfile.mkdtemp()), plan_tiles(64, 64, (32, 64))
-        >>> with ShardWriter(out, shard_size=2) as writer:
-        ...     for i in range(3):
-        ...         features = torch.full((8, 8, 6), float(i))
-        ...         writer.add(i, features, None, path=f"/{i}.png", nbytes=1, mtime_ns=1, plan=plan)
-        ...     writer.flush()
-        >>> [p.name for p in writer.written]
-        ['shard-00000.safetensors', 'shard-00001.safetensors']
-        >>> entry = read_manifest(out)[2]
-        >>> entry["shard"], entry["key"], entry["shape"], entry["dtype"], entry["grids"]
-        ('shard-00001.safetensors', 'img-000002', [8, 8, 6], 'float32', [[1, 1], [2, 2]])
-        >>> load_features(out, entry)[0, 0]
-        tensor([2., 2., 2., 2., 2., 2.])
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        *,
-        rank: int | None = None,
-        first_index: int = 0,
-        shard_size: int = 100,
-        metadata: dict[str, str] | None = None,
-        max_bytes: int = SHARD_MAX_BYTES,
-    ) -> None:
-        self.out_dir = out_dir
-        self.rank = rank
-        self.shard_size = shard_size
-        self.metadata = {} if metadata is None else metadata
-        self.max_bytes = max_bytes
-        self.written: list[Path] = []
-        self._index = first_index
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._lines: list[dict[str, Any]] = []
-        self._bytes = 0
-        self._manifest = open_append(_manifest_path(out_dir, rank))
-
-    @property
-    def shard_name(self) -> str:
-        """The file name of the shard being filled."""
-        return _shard_name(self.rank, self._index)
-
-    def add(
-        self,
-        index: int,
-        features: torch.Tensor,
-        prefix: torch.Tensor | None,
-        *,
-        path: str,
-        nbytes: int,
-        mtime_ns: int,
-        plan: TilePlan,
-    ) -> None:
-        """Add image ``index`` (its position in the sorted input list): its ``[h, w, C_total]``
-        features, its ``[P, C_total]`` prefix tokens or ``None``, and its manifest entry (the
-        image's ``path``, file size ``nbytes``, ``mtime_ns`` and ``plan``). Writes the shard when
-        it is full."""
-        key = f"img-{index:06d}"
-        self._tensors[key] = features.contiguous()
-        if prefix is not None:
-            self._tensors[key + ".prefix"] = prefix.contiguous()
-            self._bytes += prefix.numel() * prefix.element_size()
-        self._bytes += features.numel() * features.element_size()
-        entry = {
-            "path": path,
-            "bytes": nbytes,
-            "mtime_ns": mtime_ns,
-            "size": list(plan.image_size),
-            "shard": self.shard_name,
-            "key": key,
-            "shape": list(features.shape),
-            "dtype": str(features.dtype).removeprefix("torch."),
-            "grids": [list(sp.grid) for sp in plan.scales],
-            "prefix": None if prefix is None else list(prefix.shape),
-            "plan": plan.to_dict(),
-        }
-        self._lines.append(entry)
-        if len(self._lines) >= self.shard_size or self._bytes >= self.max_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the shard being filled (if it holds anything), then append its manifest lines."""
-        if not self._tensors:
-            return
-        path = self.out_dir / self.shard_name
-        nbytes, sha256 = _save_shard(path, self._tensors, self.metadata)
-        lines = [
-            json.dumps({**e, "shard_bytes": nbytes, "shard_sha256": sha256}) for e in self._lines
-        ]
-        _append_durable(self._manifest, lines)  # only after the shard is durable
-        self.written.append(path)
-        self._index += 1
-        self._tensors, self._lines, self._bytes = {}, [], 0
-
-    def close(self) -> None:
-        """Close the manifest file; what was added since the last shard was written is dropped."""
-        self._manifest.close()
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 # ----------------------------------------------------------------------------------------------
 # the folder: settings, resuming, cleaning, merging
 
@@ -549,7 +352,7 @@ def clean(out_dir: Path) -> None:
         )
         if ours and path.is_file():
             path.unlink()
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def prepare(out_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
@@ -570,7 +373,7 @@ def prepare(out_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
     (out_dir / ERRORS).unlink(missing_ok=True)
     for part in out_dir.glob("errors-r*.jsonl"):
         part.unlink()
-    _write_durable(out_dir / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+    write_durable(out_dir / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
 
 
 def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
@@ -599,7 +402,7 @@ def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
         (['manifest.jsonl'], '')
     """
     own_rank = "" if rank is None else str(rank)
-    _drop_torn_tail(_manifest_path(out_dir, rank))
+    drop_torn_tail(_manifest_path(out_dir, rank))
     own_shards: dict[str, int] = {}
     for path in out_dir.iterdir():
         m = _SHARD_RE.match(path.name.removesuffix(".tmp"))
@@ -694,19 +497,19 @@ def merge_parts(out_dir: Path) -> None:
             for li, entry in enumerate(entries)
             if (fi, li) in keep
         ]
-        _write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
+        write_durable(out_dir / MANIFEST, "".join(line + "\n" for line in lines).encode())
         for part in parts:
             part.unlink()
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     # Error parts are this run's (rank 0 removed older ones at the start).
     error_parts = sorted(out_dir.glob("errors-r*.jsonl"), key=_part_rank)
     if error_parts:
         data = b"".join(read_bytes(p) or b"" for p in error_parts)
         if data:
-            _write_durable(out_dir / ERRORS, data)
+            write_durable(out_dir / ERRORS, data)
         for part in error_parts:
             part.unlink()
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
 
 
 def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:

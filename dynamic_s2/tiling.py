@@ -8,6 +8,7 @@ Python code runs per tile.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,13 +27,7 @@ __all__ = ["TileBatch", "collate", "cut_grid", "resize", "tile_images", "tile_pi
 
 def _check_size(size: object) -> tuple[int, int]:
     """``size`` as ``(h, w)`` of positive ints, or a ``TypeError`` / ``ValueError`` naming it."""
-    if isinstance(size, str | bytes) or not isinstance(size, Sequence) or len(size) != 2:
-        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-        raise TypeError(f"size must be a pair (h, w) of positive ints, got {size!r}")
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"size must be a pair (h, w) of positive ints, got {tuple(size)!r}")
-    return (int(size[0]), int(size[1]))
+    return _checks.int_pair("size", size)
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], *, antialias: bool = True) -> torch.Tensor:
@@ -102,15 +97,25 @@ def _resize_widened(
     oh, ow = size
     if ow != w:
         wide = torch.empty((*src.shape[:-1], ow), dtype=torch.float32)
-        for r in range(0, h, _BAND):
-            band = widen(src[..., r : r + _BAND, :])
-            wide[..., r : r + _BAND, :] = resize(band, (band.shape[-2], ow))
+        for a, b in _bands(h, _BAND):
+            band = widen(src[..., a:b, :])
+            wide[..., a:b, :] = resize(band, (band.shape[-2], ow))
         return resize(wide, size)
     out = torch.empty((*src.shape[:-2], oh, w), dtype=torch.float32)
-    for c in range(0, w, _BAND):
-        band = widen(src[..., c : c + _BAND])
-        out[..., c : c + _BAND] = resize(band, (oh, band.shape[-1]))
+    for a, b in _bands(w, _BAND):
+        band = widen(src[..., a:b])
+        out[..., a:b] = resize(band, (oh, band.shape[-1]))
     return out
+
+
+def _bands(n: int, band: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` bands of ``band`` (at least 2) lines covering ``n``: none one line wide,
+    since torch's antialiased resize of a one-pixel-wide strip is not the strip of the whole."""
+    band = max(band, 2)
+    edges = [*range(0, n, band), n]
+    if len(edges) > 2 and edges[-1] - edges[-2] < 2:
+        del edges[-2]  # a last band of one line joins the one before
+    return list(itertools.pairwise(edges))
 
 
 def cut_grid(canvas: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import _checks
 from ._images import to_chw_tensor
 from ._optional import require
 from .plan import TilePlan
@@ -112,8 +113,7 @@ def draw_plan(
         True
     """
     plan = _check_plan(plan)
-    if not isinstance(dpi, int) or isinstance(dpi, bool) or dpi <= 0:
-        raise ValueError(f"dpi: expected a positive int, got {dpi!r}")
+    _checks.positive_int("dpi", dpi)
     pil_image = require("PIL.Image", "demo")
     figure_module = require("matplotlib.figure", "demo")
     patches = require("matplotlib.patches", "demo")
@@ -307,8 +307,7 @@ def draw_features(
         >>> [ax.get_title() for ax in fig.axes]
         ['224 px', '448 px', '672 px', 'merged (3 scales)']
     """
-    if not isinstance(dpi, int) or isinstance(dpi, bool) or dpi <= 0:
-        raise ValueError(f"dpi: expected a positive int, got {dpi!r}")
+    _checks.positive_int("dpi", dpi)
     if isinstance(scales, TilePlan):
         scale_list = [sp.scale for sp in scales.scales]
     elif scales is None:

@@ -111,7 +111,7 @@ def test_dynamic_s2_checks_its_options_when_built() -> None:
         DynamicS2(tok, scales=SCALES, mean=(0.5, 0.5), std=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match=r"mean and std need 3 values"):
         DynamicS2(_vit(), scales=SCALES, mean=(0.5, 0.5))
-    with pytest.raises(ValueError, match="std must not contain zeros"):
+    with pytest.raises(ValueError, match="std must be finite and non-zero"):
         DynamicS2(tok, scales=SCALES, std=(1.0, 0.0, 1.0))
 
     class Trunk(torch.nn.Module):
@@ -247,7 +247,7 @@ def test_banded_widening_equals_widening_the_whole_image(
     [((0, 5), ValueError), ((-2, 5), ValueError), (5, TypeError), ((4.5, 5), TypeError)],
 )
 def test_resize_checks_its_size(size: object, error: type[Exception]) -> None:
-    with pytest.raises(error, match=r"size must be a pair \(h, w\) of positive ints"):
+    with pytest.raises(error, match=r"size must be a pair of positive ints"):
         tiling.resize(torch.rand(3, 8, 8), size)  # type: ignore[arg-type]
 
 
