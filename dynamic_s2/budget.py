@@ -24,6 +24,7 @@ more: no image ever gets fewer tiles. A budget that is not reached returns the p
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -40,7 +41,12 @@ __all__ = ["plan_batch", "plan_cost"]
 #: Tile prices of the ladder, as multiples of the default price: 1, √2, 2, … 512.
 LADDER_PRICE_FACTORS: tuple[float, ...] = tuple(2.0 ** (j / 2) for j in range(19))
 
-_OPTIONS = ("tile_size", "max_tiles", "policy", "fit", "max_upscale")
+#: plan_tiles' keyword options, read off its signature (no second list of their names).
+_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(plan_tiles).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def plan_batch(
