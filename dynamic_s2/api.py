@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbones import Backbone, as_backbone
 from .encode import _encode, check_chunk_shape, check_chunking
-from .merge import MultiScaleFeatures, _merge
+from .merge import MultiScaleFeatures, _merge, check_plan_list
 from .options import S2Options, default_scales, make_options
 from .plan import TilePlan
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
@@ -125,11 +125,12 @@ def prepare(
         >>> batch.tiles.shape, batch.tile_counts
         (torch.Size([22, 3, 32, 32]), (7, 15))
     """
-    opts = make_options(options, _with_scales(kwargs, scales), where="prepare()")
+    given = _with_scales(kwargs, scales)
+    opts = make_options(options, given, where="prepare()")
     if model is not None:
         opts = opts.resolve(as_backbone(model))
     items = check_images(images)
-    plan_list = _plans(items, opts, plans, kwargs)
+    plan_list = _plans(items, opts, plans, given)
     return TileBatch(_tiler(items, plan_list, opts)(0, len(items)), plan_list)
 
 
@@ -153,7 +154,7 @@ def run(
             read.
         **kwargs: encode and merge fields of :class:`~dynamic_s2.options.S2Options`
             (``max_batch_tiles``, ``pad_to_multiple``, ``feature_layer``, ``output_scale``,
-            ``resample``, ``num_prefix_tokens``).
+            ``resample``, ``num_prefix_tokens``, ``pack``).
 
     Returns:
         :class:`~dynamic_s2.merge.MultiScaleFeatures`.
@@ -176,6 +177,7 @@ def run(
         raise ValueError(
             f"batch has {tiles.shape[0]} tiles but its plans need {sum(batch.tile_counts)}"
         )
+    check_plan_list(batch.plans)  # one tile size and one number of scales (collate can mix)
     backbone = as_backbone(model, feature_layer=opts.feature_layer)
     opts = opts.resolve(backbone, planning=False)
     ends = [0, *itertools.accumulate(batch.tile_counts)]

@@ -205,3 +205,13 @@ def test_options_are_validated_once_at_construction() -> None:
 def test_stages_and_subpackages_are_attributes() -> None:
     assert callable(dynamic_s2.s2wrapper.forward) and callable(dynamic_s2.nvila.preprocess)
     assert dynamic_s2.prepare is prepare and dynamic_s2.run is run
+
+
+def test_prepare_checks_plans_against_the_options_it_was_given() -> None:
+    imgs = images([(30, 40)])
+    plans = [dynamic_s2.plan_tiles(30, 40, (16, 32))]
+    with pytest.raises(ValueError, match="scales"):
+        prepare(imgs, scales=(16, 48), plans=plans)
+    with pytest.raises(ValueError, match="policy"):
+        prepare(imgs, plans=plans, policy="nvila")
+    assert prepare(imgs, scales=(16, 32), plans=plans).plans == tuple(plans)
