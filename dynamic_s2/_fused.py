@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .merge import _axis_taps, _row_strides
+from .merge import _axis_taps, _row_strides, tap_rows
 from .plan import TilePlan
 
 __all__ = ["cu_seqlens", "fill_tokens", "pack_maps", "packed_size"]
@@ -85,16 +85,20 @@ def _scale_map(
     Rows count from the image's first tile; padding slots get weight 0. Cached: read only.
     """
     scales, out_hw = geometry
-    _, cols, vh, vw = scales[s]
+    grid_rows, cols, vh, vw = scales[s]
     first_tile = sum(r * c for r, c, _, _ in scales[:s])
+    tile_ids = first_tile + np.arange(grid_rows * cols).reshape(grid_rows, cols)
     y, x, valid = _slot_cells(out_hw, factor)
     ri, rw = _axis_taps(vh, out_hw[0], mode)
     ci, cw = _axis_taps(vw, out_hw[1], mode)
-    ri, rw, ci, cw = ri[y], rw[y], ci[x], cw[x]  # [slots, Ly], [slots, Lx]
-    tile = first_tile + (ri // side)[:, :, None] * cols + (ci // side)[:, None, :]
-    st_t, st_y, st_x = strides
-    rows = tile * st_t + ((ri % side) * st_y)[:, :, None] + ((ci % side) * st_x)[:, None, :]
-    weight = rw[:, :, None] * cw[:, None, :] * valid[:, None, None]
+    rows, weight = tap_rows(  # per slot: [slots, Ly, Lx]
+        tile_ids,
+        (ri[y][:, :, None], rw[y][:, :, None]),
+        (ci[x][:, None, :], cw[x][:, None, :]),
+        (side, side),
+        strides,
+    )
+    weight = weight * valid[:, None, None]
     taps = rows.shape[1] * rows.shape[2]
     rows, weight = rows.reshape(-1, taps), weight.reshape(-1, taps)
     rows.setflags(write=False)

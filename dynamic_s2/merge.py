@@ -146,6 +146,33 @@ def _axis_taps(size_in: int, size_out: int, mode: str) -> tuple[np.ndarray, np.n
     return np.stack([i0, i1], 1), np.stack([1.0 - frac, frac], 1)
 
 
+def tap_rows(
+    tile_ids: np.ndarray,
+    row_taps: tuple[np.ndarray, np.ndarray],
+    col_taps: tuple[np.ndarray, np.ndarray],
+    side: tuple[int, int],
+    strides: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source feature rows and weights of separable taps over a stitched grid of tiles.
+
+    ``row_taps``/``col_taps`` are ``(indices, weights)`` into the stitched map's rows and columns,
+    shaped to broadcast against each other; ``tile_ids[r, c]`` is the tile at grid position
+    ``(r, c)``, ``side`` the ``(h, w)`` of one tile's map and ``strides`` the flat-row strides of
+    (tile, y, x) (see :func:`_flat_rows`). Shared by :func:`stitch_resample` and the fused packer.
+
+    Examples:
+        >>> ids = np.arange(2).reshape(1, 2)  # two tiles side by side, 2 x 2 cells each
+        >>> rows, w = tap_rows(ids, (np.array([[1]]), np.ones((1, 1))),
+        ...                    (np.array([[3]]), np.ones((1, 1))), (2, 2), (4, 2, 1))
+        >>> int(rows[0, 0])  # tile 1, y 1, x 1 -> 4 + 2 + 1
+        7
+    """
+    (ri, rw), (ci, cw) = row_taps, col_taps
+    tile = tile_ids[ri // side[0], ci // side[1]]
+    rows = tile * strides[0] + (ri % side[0]) * strides[1] + (ci % side[1]) * strides[2]
+    return rows, rw * cw
+
+
 def _row_strides(maps: torch.Tensor) -> tuple[int, int, int] | None:
     """Strides of ``[T, h, w, C]`` maps in units of feature rows, when rows are contiguous."""
     channels = maps.shape[-1]
@@ -201,78 +228,26 @@ def stitch_resample(
     """
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-    num_scales = len(maps)
+    _check_maps(maps)
     channels = maps[0].shape[-1]
     dtype, device = maps[0].dtype, maps[0].device
-    for s, m in enumerate(maps):
-        if m.shape[-1] != channels or m.dtype != dtype or m.device != device:
-            raise ValueError(
-                f"maps[{s}] has {m.shape[-1]} channels, {m.dtype} on {m.device}, but maps[0] has "
-                f"{channels}, {dtype} on {device}: the backbone must give every scale the same "
-                "channels, dtype and device"
-            )
-    counts = [h * w for h, w in out_sizes]
-    total = sum(counts)
+    total = sum(h * w for h, w in out_sizes)
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     grad = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
-    out = None if grad else torch.empty((total, num_scales * channels), dtype=dtype, device=device)
+    out = None if grad else torch.empty((total, len(maps) * channels), dtype=dtype, device=device)
     columns: list[torch.Tensor] = []
-
-    for s in range(num_scales):
-        src, (st_t, st_y, st_x) = _flat_rows(maps[s])
-        h_s, w_s = maps[s].shape[1], maps[s].shape[2]
-        # Host arithmetic: for every output cell of every image (in output order), the source rows
-        # and weights of its taps, padded with zero weights to the scale's largest tap count.
-        rows_list, weight_list = [], []
-        for b, (oh, ow) in enumerate(out_sizes):
-            layout = layouts[b][s]
-            vh, vw = layout.valid
-            ri, rw = _axis_taps(vh, oh, resample)
-            ci, cw = _axis_taps(vw, ow, resample)
-            tile = layout.tile_ids[(ri // h_s)[:, None, :, None], (ci // w_s)[None, :, None, :]]
-            rows = tile * st_t + ((ri % h_s) * st_y)[:, None, :, None]
-            rows = rows + ((ci % w_s) * st_x)[None, :, None, :]
-            weight = rw[:, None, :, None] * cw[None, :, None, :]
-            taps = rows.shape[2] * rows.shape[3]
-            rows_list.append(rows.reshape(-1, taps))
-            weight_list.append(weight.reshape(-1, taps))
-        most = max(r.shape[1] for r in rows_list)
-        rows_np = np.concatenate(
-            [np.pad(r, ((0, 0), (0, most - r.shape[1])), mode="edge") for r in rows_list]
-        )
-        weight_np = np.concatenate(
-            [np.pad(w, ((0, 0), (0, most - w.shape[1]))) for w in weight_list]
+    for s, fmap in enumerate(maps):
+        src, strides = _flat_rows(fmap)
+        rows_np, weight_np = _scale_taps(
+            fmap, strides, [row[s] for row in layouts], out_sizes, resample
         )
         rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
         column = None if out is None else out[:, s * channels : (s + 1) * channels]
-        if column is not None and (most == 1 or dtype == compute):
-            # In place, straight into the output's channel slice: the first tap is gathered into
-            # it, every further tap is added only where its weight is not zero.
-            torch.index_select(src, 0, rows_t[:, 0], out=column)
-            if most == 1:
-                continue
-            weight_t = torch.from_numpy(weight_np).to(device, dtype, non_blocking=True)
-            if not np.all(weight_np[:, 0] == 1.0):
-                column.mul_(weight_t[:, :1])
-            for k in range(1, most):
-                used = np.flatnonzero(weight_np[:, k])
-                if len(used) == total:
-                    column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
-                elif len(used):
-                    where = torch.from_numpy(used).to(device, non_blocking=True)
-                    value = src.index_select(0, rows_t[where, k]) * weight_t[where, k : k + 1]
-                    column.index_add_(0, where, value)
+        if column is not None and (rows_np.shape[1] == 1 or dtype == compute):
+            _gather_into(column, src, rows_t, weight_np)
             continue
         # Functional path (autograd, or half precision computed in float32).
-        if most == 1:
-            value = src.index_select(0, rows_t[:, 0])
-        else:
-            weight_t = torch.from_numpy(weight_np).to(device, compute, non_blocking=True)
-            value = src.index_select(0, rows_t[:, 0]).to(compute) * weight_t[:, :1]
-            for k in range(1, most):
-                tap = src.index_select(0, rows_t[:, k]).to(compute)
-                value = value + tap * weight_t[:, k : k + 1]
-            value = value.to(dtype)
+        value = _gather(src, rows_t, weight_np, compute)
         if column is not None:
             column.copy_(value)
         else:
@@ -280,6 +255,86 @@ def stitch_resample(
     if out is not None:
         return out
     return torch.cat(columns, dim=1)
+
+
+def _check_maps(maps: Sequence[torch.Tensor]) -> None:
+    channels, dtype, device = maps[0].shape[-1], maps[0].dtype, maps[0].device
+    for s, m in enumerate(maps):
+        if m.shape[-1] != channels or m.dtype != dtype or m.device != device:
+            raise ValueError(
+                f"maps[{s}] has {m.shape[-1]} channels, {m.dtype} on {m.device}, but maps[0] has "
+                f"{channels}, {dtype} on {device}: the backbone must give every scale the same "
+                "channels, dtype and device"
+            )
+
+
+def _scale_taps(
+    fmap: torch.Tensor,
+    strides: tuple[int, int, int],
+    layouts: Sequence[TileLayout],
+    out_sizes: Sequence[tuple[int, int]],
+    resample: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host arithmetic for one scale: for every output cell of every image (in output order), the
+    source rows and weights of its taps, padded with zero weights to the largest tap count."""
+    side = (fmap.shape[1], fmap.shape[2])
+    rows_list, weight_list = [], []
+    for layout, (oh, ow) in zip(layouts, out_sizes, strict=True):
+        vh, vw = layout.valid
+        ri, rw = _axis_taps(vh, oh, resample)
+        ci, cw = _axis_taps(vw, ow, resample)
+        rows, weight = tap_rows(
+            layout.tile_ids,
+            (ri[:, None, :, None], rw[:, None, :, None]),
+            (ci[None, :, None, :], cw[None, :, None, :]),
+            side,
+            strides,
+        )
+        taps = rows.shape[2] * rows.shape[3]
+        rows_list.append(rows.reshape(-1, taps))
+        weight_list.append(weight.reshape(-1, taps))
+    most = max(r.shape[1] for r in rows_list)
+    rows_np = np.concatenate(
+        [np.pad(r, ((0, 0), (0, most - r.shape[1])), mode="edge") for r in rows_list]
+    )
+    weight_np = np.concatenate([np.pad(w, ((0, 0), (0, most - w.shape[1]))) for w in weight_list])
+    return rows_np, weight_np
+
+
+def _gather_into(
+    column: torch.Tensor, src: torch.Tensor, rows_t: torch.Tensor, weight_np: np.ndarray
+) -> None:
+    """In place, straight into the output's channel slice: the first tap is gathered into it,
+    every further tap is added only where its weight is not zero."""
+    torch.index_select(src, 0, rows_t[:, 0], out=column)
+    most, total = weight_np.shape[1], weight_np.shape[0]
+    if most == 1:
+        return
+    device = column.device
+    weight_t = torch.from_numpy(weight_np).to(device, column.dtype, non_blocking=True)
+    if not np.all(weight_np[:, 0] == 1.0):
+        column.mul_(weight_t[:, :1])
+    for k in range(1, most):
+        used = np.flatnonzero(weight_np[:, k])
+        if len(used) == total:
+            column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
+        elif len(used):
+            where = torch.from_numpy(used).to(device, non_blocking=True)
+            value = src.index_select(0, rows_t[where, k]) * weight_t[where, k : k + 1]
+            column.index_add_(0, where, value)
+
+
+def _gather(
+    src: torch.Tensor, rows_t: torch.Tensor, weight_np: np.ndarray, compute: torch.dtype
+) -> torch.Tensor:
+    """The weighted sum of the taps as a new tensor (autograd, or half precision in float32)."""
+    if weight_np.shape[1] == 1:
+        return src.index_select(0, rows_t[:, 0])
+    weight_t = torch.from_numpy(weight_np).to(src.device, compute, non_blocking=True)
+    value = src.index_select(0, rows_t[:, 0]).to(compute) * weight_t[:, :1]
+    for k in range(1, weight_np.shape[1]):
+        value = value + src.index_select(0, rows_t[:, k]).to(compute) * weight_t[:, k : k + 1]
+    return value.to(src.dtype)
 
 
 def mean_prefix(
