@@ -200,6 +200,14 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def report(name: str, data: dict[str, Any], table: str) -> Path:
+    """Write ``data`` with :func:`write_result`, print ``table``, and say where it went."""
+    path = write_result(name, data)
+    print(table)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return path
+
+
 def random_images(
     sizes: Sequence[tuple[int, int]], *, seed: int = 0, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:

@@ -50,6 +50,7 @@ from _common import (
     machine_line,
     markdown_table,
     random_images,
+    report,
     write_result,
 )
 
@@ -417,9 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         "grows_with_output_only": grows_with_output_only,
         "table": table,
     }
-    path = write_result("memory", data)
-    print(table)
-    print(f"\nwrote {path}", file=sys.stderr)
+    report("memory", data, table)
     return data
 
 

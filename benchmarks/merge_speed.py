@@ -55,10 +55,10 @@ from _common import (
     markdown_table,
     median,
     paired_ratio,
+    report,
     spread,
     synchronizer,
     time_once,
-    write_result,
 )
 
 SCALES = (448, 896, 1344)
@@ -496,9 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "table": table,
     }
-    path = write_result("merge_speed", data)
-    print(table)
-    print(f"\nwrote {path}", file=sys.stderr)
+    report("merge_speed", data, table)
     return data
 
 

@@ -51,10 +51,10 @@ from _common import (
     median,
     paired_ratio,
     random_images,
+    report,
     spread,
     synchronizer,
     time_once,
-    write_result,
 )
 
 SCALES = (224, 448, 672)
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     data["targets"] = targets(results)
     data["table"] = build_table(data)
     table = data["table"]
-    path = write_result("overhead", data)
-    print(table)
-    print(f"\nwrote {path}", file=sys.stderr)
+    report("overhead", data, table)
     return data
 
 

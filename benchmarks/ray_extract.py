@@ -35,8 +35,8 @@ from _common import (
     median,
     paired_ratio,
     random_images,
+    report,
     spread,
-    write_result,
 )
 
 
@@ -147,9 +147,7 @@ def main() -> None:
         "ray_over_local_of_medians": median(rate["ray"]) / median(rate["local"]),
         "table": table,
     }
-    path = write_result("ray_extract", data)
-    print(table)
-    print(f"wrote {path}")
+    report("ray_extract", data, table)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ from _common import (
     markdown_table,
     median,
     random_images,
+    report,
     synchronizer,
-    write_result,
 )
 from tokens_speed import vila_tokens
 
@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paths": result,
         "table": text,
     }
-    path = write_result("tokens_e2e", data)
-    print(text)
-    print(f"\nwrote {path}", file=sys.stderr)
+    report("tokens_e2e", data, text)
     return data
 
 

@@ -45,7 +45,7 @@ from _common import (
     markdown_table,
     median,
     paired_ratio,
-    write_result,
+    report,
 )
 from merge_speed import CHANNELS, MAX_TILES, SCALES, TOKENS_PER_SIDE, nvila_loop_merge
 
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": cases,
         "table": text,
     }
-    path = write_result("tokens_speed", data)
-    print(text)
-    print(f"\nwrote {path}", file=sys.stderr)
+    report("tokens_speed", data, text)
     return data
 
 
