@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from .merge import _axis_taps, _row_strides, tap_rows
+from .packing import packed_size
 from .plan import TilePlan
 
-__all__ = ["cu_seqlens", "fill_tokens", "pack_maps", "packed_size"]
+__all__ = ["cu_seqlens", "fill_tokens", "pack_maps"]
 
 #: One image's geometry: per scale ``(rows, cols, valid_h, valid_w)``, then the output grid.
 Geometry = tuple[tuple[tuple[int, int, int, int], ...], tuple[int, int]]
@@ -57,11 +58,6 @@ def image_geometry(plan: TilePlan, side: int, out_index: int) -> Geometry:
     """The part of a plan the index maps depend on: grids, valid sizes and the output grid."""
     scales = tuple((*sp.grid, *sp.feature_size(side)) for sp in plan.scales)
     return scales, (scales[out_index][2], scales[out_index][3])
-
-
-def packed_size(hw: tuple[int, int], factor: int) -> tuple[int, int]:
-    """Token grid ``(⌈H / k⌉, ⌈W / k⌉)`` of an ``(H, W)`` map packed by ``factor``."""
-    return -(-hw[0] // factor), -(-hw[1] // factor)
 
 
 @lru_cache(maxsize=2048)

@@ -36,6 +36,7 @@ from ._images import is_pil, to_chw_tensor
 from ._optional import require
 from .api import prepare
 from .options import S2Options, stage_fields
+from .packing import packed_size
 from .plan import TilePlan
 
 transformers = require("transformers", "hf")
@@ -335,8 +336,9 @@ class DynamicS2ImageProcessor(_BaseImageProcessor):
             )
         f = _checks.positive_int("factor", factor)
         plan = self.plan(height, width, images_kwargs)
-        h, w = plan.scales[plan.scale_index(output_scale, "output_scale")].feature_size(n)
-        return -(-h // f) * -(-w // f)
+        grid = plan.scales[plan.scale_index(output_scale, "output_scale")].feature_size(n)
+        th, tw = packed_size(grid, f)
+        return th * tw
 
 
 # Options without a processor default above take S2Options' (e.g. a new planner field).

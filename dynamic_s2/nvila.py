@@ -54,7 +54,7 @@ from ._images import is_pil, to_chw_tensor
 from ._optional import require
 from .api import prepare
 from .merge import check_plan_list, merge, split_prefix
-from .packing import pack_tokens, pack_tokens_batch
+from .packing import pack_tokens, pack_tokens_batch, packed_size
 from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import TileBatch, tile_pil
 
@@ -463,8 +463,10 @@ def num_tokens(
     else:
         rows, cols = _checks.int_pair("block_size", block_size)
     if _checks.boolean("per_tile", per_tile):
-        return rows * cols * (-(-n // f)) ** 2
-    return -(-rows * n // f) * -(-cols * n // f)
+        th, tw = packed_size((n, n), f)
+        return rows * cols * th * tw
+    th, tw = packed_size((rows * n, cols * n), f)
+    return th * tw
 
 
 def merge_and_pack(

@@ -17,7 +17,18 @@ from einops import rearrange
 
 from . import _checks
 
-__all__ = ["pack_tokens", "pack_tokens_batch"]
+__all__ = ["pack_tokens", "pack_tokens_batch", "packed_size"]
+
+
+def packed_size(hw: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Token grid ``(⌈H / k⌉, ⌈W / k⌉)`` of an ``(H, W)`` map packed by ``factor`` (zero-padded
+    edges): the one place this count is made.
+
+    Examples:
+        >>> packed_size((5, 8), 2)
+        (3, 4)
+    """
+    return -(-hw[0] // factor), -(-hw[1] // factor)
 
 
 def _check_map(name: str, feature_map: Any) -> torch.Tensor:
