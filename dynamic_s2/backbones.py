@@ -63,6 +63,8 @@ class Backbone:
         name: a short description.
         bind: builds ``fn`` from a module, so that the module can be swapped for another with
             the same interface (e.g. its ``torch.compile`` d version) by :meth:`with_module`.
+        maps: the backbone is known to return ``[n, C', h, w]`` maps (which have no prefix
+            tokens); ``False`` when unknown or tokens.
 
     Examples:
         >>> bb = Backbone(lambda x: x.flatten(2).transpose(1, 2), input_size=8)
@@ -78,6 +80,7 @@ class Backbone:
     module: nn.Module | None = None
     name: str = "callable"
     bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    maps: bool = False
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.fn(tiles)
@@ -347,11 +350,12 @@ def as_backbone(
             module=module,
             name="extract_features",
             bind=lambda m: m.extract_features,
+            maps=True,
         )
     elif isinstance(model, nn.Module) and type(model).__module__.startswith("torchvision.models"):
         trunk = _torchvision_trunk(model)
         backbone = Backbone(
-            trunk, mean=IMAGENET_MEAN, std=IMAGENET_STD, module=model, name="torchvision"
+            trunk, mean=IMAGENET_MEAN, std=IMAGENET_STD, module=model, name="torchvision", maps=True
         )
     else:
         module = model if isinstance(model, nn.Module) else None
@@ -418,6 +422,7 @@ def load_backbone(
             module=model,
             name="efficientnet-lite0",
             bind=lambda m: m.extract_features,
+            maps=True,
         )
     elif spec.startswith("hf:"):
         transformers = require("transformers", "hf")

@@ -279,10 +279,6 @@ class S2Options:
         }
 
 
-#: Adapters whose backbones return ``[n, C, h, w]`` maps, which have no prefix tokens.
-_MAP_ADAPTERS = ("torchvision", "extract_features", "efficientnet-lite0")
-
-
 def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
     """The options that depend on the backbone, checked before any image: ``mean`` and ``std``
     against each other and the model's channels, ``num_prefix_tokens`` against a map backbone."""
@@ -292,7 +288,7 @@ def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
     if len(lengths) > 1 or (isinstance(channels, int) and lengths and lengths != {channels}):
         expected = f"{channels} values each (the model's channels)" if channels else "one length"
         raise ValueError(f"mean and std need {expected}, got mean={opts.mean!r}, std={opts.std!r}")
-    if opts.num_prefix_tokens and backbone.name in _MAP_ADAPTERS:
+    if opts.num_prefix_tokens and backbone.maps:
         raise ValueError(
             f"num_prefix_tokens={opts.num_prefix_tokens} but backbone {backbone.name!r} returns "
             "feature maps, which have no prefix tokens"

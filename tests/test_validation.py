@@ -1919,7 +1919,7 @@ _ISSUE_11: list[tuple[str, str, type[Exception], str, Callable[[], object]]] = [
         "DynamicS2-prefix-with-maps",
         ValueError,
         names("num_prefix_tokens=2", "maps"),
-        lambda: DynamicS2(Backbone(MAPS, name="torchvision"), SCALES, num_prefix_tokens=2),
+        lambda: DynamicS2(Backbone(MAPS, maps=True), SCALES, num_prefix_tokens=2),
     ),
     (
         "max-tiles",
