@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["nvila_grids", "nvila_limited", "nvila_lower_grids"]
+__all__ = ["check_nvila_settings", "nvila_grids", "nvila_limited", "nvila_lower_grids"]
 
 
 def nvila_lower_grids(sc: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -35,19 +35,22 @@ def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]
     return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 
-def nvila_grids(
-    h: int,
-    w: int,
-    sc: tuple[int, ...],
-    t: int,
-    caps: tuple[int, ...] | int | None,
-) -> list[tuple[int, int]]:
+def check_nvila_settings(sc: tuple[int, ...], caps: tuple[int, ...] | int | None) -> None:
+    """``ValueError`` unless scales and ``max_tiles`` fit NVILA's rule: scales multiples of the
+    first, ``max_tiles`` one int (NVILA's ``max_num``) of at least ``(scales[-1] // scales[0])²``.
+
+    Examples:
+        >>> check_nvila_settings((448, 896, 1344), 12)
+        >>> check_nvila_settings((448, 896, 1344), 8)
+        Traceback (most recent call last):
+            ...
+        ValueError: max_tiles=8 is below the 9 tiles policy='nvila' needs at scale 1344 ...
+    """
     base = sc[0]
-    for s in sc:
-        if s % base:
-            raise ValueError(
-                f"policy='nvila' needs every scale to be a multiple of the first, got {sc!r}"
-            )
+    if any(s % base for s in sc):
+        raise ValueError(
+            f"policy='nvila' needs every scale to be a multiple of the first, got {sc!r}"
+        )
     if isinstance(caps, tuple):
         raise ValueError(
             f"policy='nvila' takes max_tiles as one int (NVILA's max_num), got {caps!r}"
@@ -59,6 +62,17 @@ def nvila_grids(
             f"max_tiles={max_num} is below the {min_num} tiles policy='nvila' needs at scale "
             f"{sc[-1]} (({sc[-1]} // {base})²)"
         )
+
+
+def nvila_grids(
+    h: int,
+    w: int,
+    sc: tuple[int, ...],
+    t: int,
+    caps: tuple[int, ...] | int | None,
+) -> list[tuple[int, int]]:
+    min_num = (sc[-1] // sc[0]) ** 2
+    max_num = caps if isinstance(caps, int) else 12  # checked by check_nvila_settings
     grids = nvila_lower_grids(sc)
     grids.append(_nvila_walk(h, w, t, _nvila_candidates(min_num, max_num)))
     return grids
@@ -98,7 +112,7 @@ def nvila_limited(
     lower = [(min(r, max_rows), min(c, max_cols)) for r, c in nvila_lower_grids(sc)]
     base = sc[0]
     min_num = (sc[-1] // base) ** 2
-    max_num = caps if isinstance(caps, int) else 12  # nvila_grids has rejected per-scale caps
+    max_num = caps if isinstance(caps, int) else 12  # check_nvila_settings refused per-scale caps
     inside = [
         (i, j)
         for i, j in _nvila_candidates(min_num, max_num)

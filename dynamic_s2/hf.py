@@ -212,7 +212,6 @@ class DynamicS2ImageProcessor(_BaseImageProcessor):
                 _checks.stats(name, getattr(opts, name), 3)  # images are RGB
         if opts.scales is None:
             raise ValueError(f"{where}: scales must be given, e.g. scales=(448, 896, 1344)")
-        opts.plan([(opts.scales[0], opts.scales[0])])  # policy-specific checks
         return opts
 
     def options(self, **overrides: Any) -> S2Options:

@@ -33,7 +33,7 @@ from . import _checks
 from ._aspect import aspect_dp, aspect_tables
 from ._checks import check_scales as check_scales
 from ._nvila_policy import _nvila_candidates as _nvila_candidates
-from ._nvila_policy import nvila_grids, nvila_limited, nvila_lower_grids
+from ._nvila_policy import check_nvila_settings, nvila_grids, nvila_limited, nvila_lower_grids
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
@@ -358,7 +358,10 @@ def check_settings(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    return sc, t, _checks.max_tiles(max_tiles, len(sc), MAX_TILES)
+    caps = _checks.max_tiles(max_tiles, len(sc), MAX_TILES)
+    if policy == "nvila":
+        check_nvila_settings(sc, caps)
+    return sc, t, caps
 
 
 # --------------------------------------------------------------------------------------- public
