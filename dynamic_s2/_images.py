@@ -28,7 +28,15 @@ from ._optional import require
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "is_pil", "read_image", "to_chw_tensor"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "find_images",
+    "is_pil",
+    "one_dtype",
+    "pil_rgb",
+    "read_image",
+    "to_chw_tensor",
+]
 
 #: File suffixes (lower case) that :func:`find_images` treats as images.
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -48,17 +56,43 @@ def is_pil(obj: object) -> TypeGuard[PILImage.Image]:
 
 
 def _pil_to_hwc(image: Any) -> np.ndarray:
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _rgb_array(image)  # 16-bit: scaled, as read_image does
     if image.mode != "RGB":
         image = image.convert("RGB")  # greyscale replicated, alpha dropped, palettes expanded
     return np.asarray(image, dtype=np.uint8)
+
+
+def pil_rgb(image: Any) -> Any:
+    """A PIL image in RGB mode, as ``image.convert("RGB")`` but with 16-bit greyscale scaled to
+    8 bits (``round(v / 257)``) instead of clipped: the library's one 16-bit rule.
+
+    Examples:
+        >>> from PIL import Image
+        >>> pil_rgb(Image.new("I;16", (2, 1), 65535)).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return require("PIL.Image", "demo").fromarray(_rgb_array(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(values: np.ndarray) -> np.ndarray:
+    """16-bit values as 8-bit ones, ``round(v / 257)``: the one 16-bit rule of the library."""
+    return np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
 
 
 def to_chw_tensor(image: object, name: str = "image") -> torch.Tensor:
     """One image as an RGB ``[3, H, W]`` tensor, uint8 or floating point, values untouched.
 
     * a PIL image: converted to RGB (as ``image.convert("RGB")``), then uint8;
-    * a numpy array: ``[H, W]`` or ``[H, W, C]`` (channels last), uint8 or float;
-    * a torch tensor: ``[H, W]`` or ``[C, H, W]`` (channels first), uint8 or float, on its device.
+    * a numpy array: ``[H, W]`` or ``[H, W, C]`` (channels last), uint8, uint16 or float;
+    * a torch tensor: ``[H, W]`` or ``[C, H, W]`` (channels first), uint8, uint16 or float, on its
+      device.
+
+    16-bit images (PIL modes ``I;16*`` and ``I``, uint16 arrays and tensors) become uint8 as
+    ``round(v / 257)``, the rule of :func:`read_image`, so a 16-bit image reads the same
+    everywhere. Float images are returned as they are: the library reads them as ``[0, 1]``.
 
     ``C`` may be 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA): grey is replicated and alpha
     dropped, as PIL's ``convert("RGB")`` does. The result may be a view of the input (numpy arrays
@@ -97,21 +131,42 @@ def to_chw_tensor(image: object, name: str = "image") -> torch.Tensor:
                 "numpy images are read channels-last [H, W, C]: pass np.moveaxis(image, 0, -1) "
                 "or a torch tensor [C, H, W]"
             )
+        if image.dtype == np.uint16:
+            image = _to_8bit(image)
         if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
-            raise TypeError(f"{name}: a numpy image must be uint8 or float, got {image.dtype}")
+            raise TypeError(
+                f"{name}: a numpy image must be uint8, uint16 or float, got {image.dtype}"
+            )
         with warnings.catch_warnings():
             # np.asarray(pil_image) is read-only; the tensor is only ever read, never written.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         chw = image[None] if image.dim() == 2 else image
+        if chw.dim() == 3 and chw.shape[0] > 4 and chw.shape[2] in (1, 2, 3, 4):
+            raise ValueError(
+                f"{name}: a tensor image must be channels-first [C, H, W]; shape "
+                f"{tuple(image.shape)} looks channels-last [H, W, C]: pass image.permute(2, 0, 1)"
+            )
         if chw.dim() != 3 or chw.shape[0] not in (1, 2, 3, 4):
             raise ValueError(
                 f"{name}: a tensor image must be [H, W] or [C, H, W] with C in 1..4, "
                 f"got shape {tuple(image.shape)}"
             )
+        if chw.shape[0] in (1, 2, 4) and chw.shape[2] in (3, 4) and chw.shape[1] > 4:
+            # [4, 60, 3]: a 60 x 3 RGBA image, or a channels-last 4 x 60 RGB one? Refuse to guess
+            # (RGB tensors, the common case, are read channels-first).
+            raise ValueError(
+                f"{name}: a tensor image of shape {tuple(image.shape)} may be channels-last "
+                "[H, W, C]; tensors are read channels-first [C, H, W]: pass "
+                "image.permute(2, 0, 1), or a numpy [H, W, C] array"
+            )
+        if chw.dtype == torch.uint16:
+            chw = torch.from_numpy(_to_8bit(chw.cpu().numpy())).to(chw.device)
         if chw.dtype != torch.uint8 and not chw.dtype.is_floating_point:
-            raise TypeError(f"{name}: a tensor image must be uint8 or float, got {chw.dtype}")
+            raise TypeError(
+                f"{name}: a tensor image must be uint8, uint16 or float, got {chw.dtype}"
+            )
     else:
         raise TypeError(
             f"{name} must be a PIL image, a [C, H, W] tensor or an [H, W, C] numpy array, "
@@ -241,6 +296,20 @@ def _rgb_array(image: Any) -> Any:
         values = np.asarray(image).astype(np.float64)
         if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
             return np.array(image.convert("RGB"), dtype=np.uint8, copy=True)  # not 16-bit data
-        grey = np.rint(values / 257.0).astype(np.uint8)
+        grey = _to_8bit(values)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     return np.array(image.convert("RGB"), dtype=np.uint8, copy=True)
+
+
+def one_dtype(items: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Images of one dtype: a mix of uint8 and float becomes float32 in ``[0, 1]`` (uint8 / 255),
+    the library's one reading of pixel values; images of one dtype are returned as they are.
+
+    Examples:
+        >>> mixed = [torch.full((3, 2, 2), 255, dtype=torch.uint8), torch.zeros(3, 2, 2)]
+        >>> [float(x.max()) for x in one_dtype(mixed)]
+        [1.0, 0.0]
+    """
+    if len({x.dtype for x in items}) <= 1:
+        return items
+    return [x.to(torch.float32).div(255.0) if x.dtype == torch.uint8 else x.float() for x in items]

@@ -20,7 +20,6 @@ from .backbones import Backbone, as_backbone
 from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge, check_plan_list
 from .options import S2Options, default_scales, make_options, stage_fields
-from .packing import num_image_tokens
 from .plan import TilePlan, shared_tiles
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
@@ -46,7 +45,9 @@ def _plans(
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in items]
         return tuple(opts.plan(sizes, single))
     if single is not None:
-        raise ValueError("single has no effect with plans=, which fix the tiles: give one or the other")
+        raise ValueError(
+            "single has no effect with plans=, which fix the tiles: give one or the other"
+        )
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
         _check_plan_agrees(i, p, opts, given)
@@ -86,7 +87,11 @@ def _check_plan_agrees(
     caps = {k: getattr(opts, k) for k in ("max_tiles", "max_upscale") if given.get(k) is not None}
     if caps and not single:  # the plan must be the one these caps give
         again = opts.replace(**made, **caps, tile_budget=None).plan([plan.image_size])[0]
-        if again.grids != plan.grids:
+        # a prepared batch may have been planned under a budget: at most the caps' tiles
+        within = all(
+            p.num_tiles <= a.num_tiles for p, a in zip(plan.scales, again.scales, strict=True)
+        )
+        if (again.grids != plan.grids) if not prepared else not within:
             raise ValueError(
                 f"{', '.join(f'{k}={v!r}' for k, v in caps.items())} disagrees with plans[{i}], "
                 f"whose grids {plan.grids} are not the ones it gives ({again.grids}): give one "
@@ -117,8 +122,7 @@ def _tiler(
     items: Sequence[torch.Tensor], plans: Sequence[TilePlan], opts: S2Options
 ) -> Callable[[int, int], torch.Tensor]:
     """Tiles of images ``a:b``, made on demand."""
-    scale, shift = _affine(opts.mean, opts.std, items[0].shape[0])
-    scale, shift = scale.to(items[0].device), shift.to(items[0].device)
+    scale, shift = _affine(opts.mean, opts.std, items[0].shape[0])  # host tensors
 
     def tiles(a: int, b: int) -> torch.Tensor:
         return _tile(items[a:b], tuple(plans[a:b]), scale, shift, 0.0, opts.uint8_resize).tiles
@@ -305,7 +309,9 @@ def _run(
 def _rows(local: Sequence[np.ndarray], sizes: Sequence[int]) -> torch.Tensor:
     """Local row indices of consecutive images, offset by the sizes of the images before."""
     offsets = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
-    return torch.from_numpy(np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)]))
+    return torch.from_numpy(
+        np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)])
+    )
 
 
 def forward(
@@ -465,12 +471,14 @@ class DynamicS2(nn.Module):
         self.scales: tuple[int, ...] = self.options.scales or ()
         # what a call's plans= must agree with
         self._fixed = {"scales": self.scales, "tile_size": self.options.tile_size}
-        # what a prepared batch must agree with: the plan options this layer was given
+        # what a prepared batch must agree with: the plan options this layer was given (as
+        # keywords, or set in options=)
+        given = _with_scales(kwargs, scales)
         defaults = S2Options()
         self._given = {
             name: getattr(opts, name)
             for name in stage_fields("plan")
-            if getattr(opts, name) != getattr(defaults, name)
+            if name in given or getattr(opts, name) != getattr(defaults, name)
         }
 
     def forward(

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -50,12 +50,12 @@ import torch
 
 from . import _checks
 from ._fused import cu_seqlens, pack_maps
-from ._images import is_pil, to_chw_tensor
+from ._images import is_pil, one_dtype, pil_rgb, to_chw_tensor
 from ._optional import require
 from .api import prepare
 from .merge import check_plan_list, merge, split_prefix
-from .packing import pack_tokens, pack_tokens_batch, packed_size
-from .plan import TilePlan, check_scales, nvila_plan_for_block, plan_tiles
+from .packing import num_image_tokens, pack_tokens, pack_tokens_batch, packed_size
+from .plan import TilePlan, as_plans, check_scales, nvila_plan_for_block, plan_tiles
 from .tiling import TileBatch, tile_pil
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,8 +125,7 @@ def _preprocess_pil(
     std: Sequence[float],
 ) -> tuple[torch.Tensor, TilePlan]:
     require("PIL.Image", "demo")
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # NVILA converts every image this way
+    image = pil_rgb(image)  # NVILA converts every image to RGB; 16-bit scaled, not clipped
     plan = plan_for(image.height, image.width)
     tiles = tile_pil(image, plan).to(torch.float32)
     # In place, in NVILA's order: x / 255, then (x - mean) / std.
@@ -140,13 +139,10 @@ def _tile_tensors(
     std: Sequence[float],
 ) -> torch.Tensor:
     """One :func:`dynamic_s2.prepare` call for all tensor images, normalised as NVILA does."""
-    if all(img.dtype == torch.uint8 for img in images):
-        # uint8 resize: torch's integer kernel on the CPU, close to PIL's and several times faster
-        return prepare(images, plans=plans, mean=mean, std=std, uint8_resize=True).tiles
-    # Float images are in [0, 1]; prepare uses float input as it is, so normalise afterwards
-    # (bicubic resampling is linear with weights summing to one, so the order does not matter).
-    floats = [img.float().div(255.0) if img.dtype == torch.uint8 else img.float() for img in images]
-    return _normalize_(prepare(floats, plans=plans).tiles, mean, std)
+    images = one_dtype(images)  # a mix of uint8 and float: float32 in [0, 1]
+    # The library's one rule: uint8 / 255, float as [0, 1], then (x - mean) / std. uint8 resize
+    # is torch's integer kernel on the CPU, close to PIL's and several times faster.
+    return prepare(images, plans=plans, mean=mean, std=std, uint8_resize=True).tiles
 
 
 @dataclass(frozen=True)
@@ -203,7 +199,8 @@ def preprocess(
     policy="nvila")``.
 
     Args:
-        image: a PIL image (any mode; converted to RGB as NVILA does), a ``[3, H, W]`` tensor or an
+        image: a PIL image (any mode; converted to RGB as NVILA does, except that 16-bit modes are
+            scaled to 8 bits, ``round(v / 257)``, where NVILA clips), a ``[3, H, W]`` tensor or an
             ``[H, W, 3]`` numpy array (uint8, or float in ``[0, 1]``). Tensors and arrays may also
             have 1 (grey), 2 (grey + alpha) or 4 (RGBA) channels, or no channel axis (grey); grey
             is replicated and alpha dropped, as PIL's ``convert("RGB")`` does. A numpy array that
@@ -253,6 +250,7 @@ def preprocess_batch(
     mean: Sequence[float] = SIGLIP_MEAN,
     std: Sequence[float] = SIGLIP_STD,
     max_upscale: float | None = None,
+    single: Sequence[bool] | None = None,
 ) -> NvilaTiles:
     """:func:`preprocess` for a list of images: all tiles concatenated, with every plan.
 
@@ -268,6 +266,10 @@ def preprocess_batch(
         max_upscale: as in :func:`preprocess`.
         mean: as in :func:`preprocess`.
         std: as in :func:`preprocess`.
+        single: per image, ``True`` for NVILA's mode for prompts with several images and for
+            video frames: the image resized to one tile (``policy="single"``), used at every
+            scale; its features are computed once by :func:`dynamic_s2.run` and repeated per
+            scale by the merge, as NVILA does (256 tokens at its settings).
 
     Returns:
         :class:`NvilaTiles`, which unpacks as ``(tiles [sum of tiles, 3, t, t] float32,
@@ -286,7 +288,11 @@ def preprocess_batch(
         raise ValueError("images must not be empty")
     mean = _check_stats("mean", mean)
     std = _check_stats("std", std)
-    plan_for = _planner(scales, max_tiles, max_upscale)
+    dynamic = _planner(scales, max_tiles, max_upscale)
+    one_tile = functools.partial(plan_tiles, scales=_check_nvila_scales(scales), policy="single")
+    flags = [False] * len(images) if single is None else list(single)
+    if len(flags) != len(images) or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"single must hold one bool per image ({len(images)}), got {single!r}")
 
     parts: dict[int, torch.Tensor] = {}  # PIL images, tiled one by one
     plans: list[TilePlan] = []
@@ -294,10 +300,11 @@ def preprocess_batch(
     tensor_images: list[torch.Tensor] = []
     for i, image in enumerate(images):
         if is_pil(image):
+            plan_for = one_tile if flags[i] else dynamic
             parts[i], plan = _preprocess_pil(image, plan_for, mean, std)
         else:
             chw = to_chw_tensor(image, f"images[{i}]")
-            plan = plan_for(int(chw.shape[1]), int(chw.shape[2]))
+            plan = (one_tile if flags[i] else dynamic)(int(chw.shape[1]), int(chw.shape[2]))
             tensor_ids.append(i)
             tensor_images.append(chw)
         plans.append(plan)
@@ -326,8 +333,7 @@ def _check_nvila_scales(scales: Any) -> tuple[int, ...]:
 
 def _merge_plans(blocks: Any, scales: tuple[int, ...]) -> list[TilePlan]:
     """The plans of :func:`merge_features`: given (a batch or plans) or rebuilt from blocks."""
-    if isinstance(blocks, TileBatch):
-        blocks = blocks.plans
+    blocks = _plans_of(blocks)
     if not _checks.is_sequence(blocks):
         raise TypeError(f"block_sizes must be a sequence of (rows, cols), got {blocks!r}")
     if len(blocks) == 0:
@@ -458,20 +464,35 @@ def num_tokens(
     if not _checks.is_int(n) or n <= 0:
         raise ValueError(f"tokens_per_tile_side must be a positive int, got {n!r}")
     f = _checks.positive_int("factor", factor)
+    per_tile = _checks.boolean("per_tile", per_tile)
+    if isinstance(block_size, TilePlan) and not per_tile:  # the library's one count
+        return num_image_tokens(block_size, n, pack=f, output_scale=output_scale)
     if isinstance(block_size, TilePlan):
         rows, cols = block_size.scales[block_size.scale_index(output_scale, "output_scale")].grid
     else:
         rows, cols = _checks.int_pair("block_size", block_size)
-    if _checks.boolean("per_tile", per_tile):
+    if per_tile:
         th, tw = packed_size((n, n), f)
         return rows * cols * th * tw
     th, tw = packed_size((rows * n, cols * n), f)
     return th * tw
 
 
+def _plans_of(plans: Any) -> Any:
+    """The plans of a batch (a :class:`~dynamic_s2.tiling.TileBatch` or the processors'
+    ``BatchFeature``), or plans given as :class:`TilePlan` s or their dicts."""
+    if isinstance(plans, TileBatch):
+        return plans.plans
+    if isinstance(plans, Mapping) and "plans" in plans:  # a BatchFeature of dynamic_s2.hf
+        plans = plans["plans"]
+    if _checks.is_sequence(plans) and any(isinstance(p, Mapping) for p in plans):
+        return as_plans(plans)
+    return plans
+
+
 def merge_and_pack(
     tile_features: torch.Tensor,
-    plans: Sequence[TilePlan],
+    plans: Sequence[TilePlan] | Sequence[Mapping[str, Any]] | TileBatch | Mapping[str, Any],
     *,
     factor: int = 2,
     out: torch.Tensor | None = None,
@@ -481,7 +502,9 @@ def merge_and_pack(
     Args:
         tile_features: ``[T, N, C]`` tokens (``N`` square, no prefix) or ``[T, C, h, h]`` maps,
             any strides (HF's channel-major ``hidden_states`` too), tiles in plan order.
-        plans: the ``policy="nvila"`` plan of every image (:func:`dynamic_s2.plan_tiles`).
+        plans: the plan of every image (``policy="nvila"``, or ``"single"`` for NVILA's
+            multi-image mode): :class:`~dynamic_s2.TilePlan` s, their dicts, a prepared batch
+            or the ``BatchFeature`` of the HF processors, as they are.
         factor: the packing block side (NVILA: 2).
         out: a contiguous ``[Σ tokens, factor²·S·C]`` buffer to write into (e.g. reused across
             steps); not with autograd.
@@ -497,7 +520,7 @@ def merge_and_pack(
         >>> tokens.shape, cu.tolist()
         (torch.Size([48, 96]), [0, 48])
     """
-    plan_list = check_plan_list(plans)
+    plan_list = check_plan_list(_plans_of(plans))
     total = sum(p.num_tiles for p in plan_list)
     if not isinstance(tile_features, torch.Tensor) or tile_features.shape[0] != total:
         got = getattr(tile_features, "shape", type(tile_features).__name__)

@@ -110,8 +110,9 @@ class S2Options:
             DataLoader ``collate_fn`` plans each batch as a whole).
         policy: ``"aspect"`` or ``"nvila"``.
         fit: ``"stretch"`` or ``"pad"``.
-        mean: normalisation of uint8 images, one number or one per channel.
-        std: normalisation of uint8 images, one number or one per channel.
+        mean: normalisation mean, on the ``[0, 1]`` scale (uint8 images are divided by 255, float
+            images read as ``[0, 1]``), one number or one per channel.
+        std: normalisation std, likewise.
         uint8_resize: resize uint8 images in uint8 (see :func:`~dynamic_s2.tiling.tile_images`).
         feature_layer: HF models: ``hidden_states[feature_layer]`` instead of the last layer; a
             sequence of indices concatenates those layers on channels, in the order given (timm
@@ -157,11 +158,11 @@ class S2Options:
         parse=None, choices=FITS,
     )  # fmt: skip
     mean: tuple[float, ...] | None = _option(
-        None, "tile", "normalisation mean of uint8 images (default: the backbone's)",
+        None, "tile", "normalisation mean on the [0, 1] scale (default: the backbone's)",
         parse=_float_list, metavar="M[,M,M]",
     )  # fmt: skip
     std: tuple[float, ...] | None = _option(
-        None, "tile", "normalisation std of uint8 images (default: the backbone's)",
+        None, "tile", "normalisation std on the [0, 1] scale (default: the backbone's)",
         parse=_float_list, metavar="S[,S,S]",
     )  # fmt: skip
     uint8_resize: bool = _option(
@@ -268,7 +269,9 @@ class S2Options:
         scales, budget = settings.pop("scales"), settings.pop("tile_budget")
         flags = _single_flags(single, len(sizes))
         one = {
-            i: plan_tiles(*sizes[i], scales, tile_size=self.tile_size, policy="single", fit=self.fit)
+            i: plan_tiles(
+                *sizes[i], scales, tile_size=self.tile_size, policy="single", fit=self.fit
+            )
             for i, flag in enumerate(flags)
             if flag
         }

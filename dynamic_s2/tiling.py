@@ -317,7 +317,8 @@ def _affine(
     std: Sequence[float] | float | None,
     channels: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` with ``x / 255`` then ``(x - mean) / std`` written as ``x * a + b``."""
+    """``(a, b)`` with ``x / 255`` then ``(x - mean) / std`` written as ``x * a + b``: the
+    normalisation of uint8 images (float images, already in ``[0, 1]``, use ``255 · a``)."""
     stats = []
     for name, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
         checked = _checks.stats(name, value, channels)
@@ -325,6 +326,26 @@ def _affine(
         stats.append(torch.tensor(vals, dtype=torch.float32).expand(channels).reshape(-1, 1, 1))
     m, s = stats
     return 1.0 / (255.0 * s), -m / s
+
+
+#: Values a float image may take: ``[0, 1]`` with room for the overshoot of a bicubic resize.
+FLOAT_RANGE: tuple[float, float] = (-0.25, 1.25)
+
+
+def _check_float_range(items: Sequence[torch.Tensor]) -> None:
+    """``ValueError`` for a float CPU image outside :data:`FLOAT_RANGE` (0..255 values, or
+    values normalised already), which normalising again would silently spoil. GPU images are not
+    read (that would wait for the device)."""
+    for i, img in enumerate(items):
+        if img.is_floating_point() and img.device.type == "cpu" and img.numel():
+            low, high = (float(v) for v in torch.aminmax(img))
+            if low < FLOAT_RANGE[0] or high > FLOAT_RANGE[1]:
+                raise ValueError(
+                    f"images[{i}] is a float image with values in [{low:.3g}, {high:.3g}]; float "
+                    "images are read as [0, 1] and normalised with mean and std (as uint8 ones "
+                    "after / 255): pass uint8, or divide by 255, or, for images normalised "
+                    "already, mean=0.0, std=1.0"
+                )
 
 
 def tile_images(
@@ -340,11 +361,14 @@ def tile_images(
 
     Args:
         images: a list of ``[C, H, W]`` tensors of any sizes, or a ``[B, C, H, W]`` tensor.
-            uint8 images become float32 in ``[0, 1]`` and are then normalised with ``mean`` and
-            ``std`` when those are given; float images are used as they are (assumed normalised).
+            One rule for every entry point of the library: uint8 images are divided by 255, float
+            images are taken to be in ``[0, 1]`` already, and both are then normalised with
+            ``mean`` and ``std`` (``(x - mean) / std``) when those are given. Float CPU images
+            outside ``[-0.25, 1.25]`` raise ``ValueError`` unless ``mean`` and ``std`` are
+            left out (or 0 and 1): that is how images normalised already are passed.
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image (made for that image's size).
-        mean: per-channel mean for uint8 images.
-        std: per-channel standard deviation for uint8 images.
+        mean: per-channel mean, on the ``[0, 1]`` scale.
+        std: per-channel standard deviation, on the ``[0, 1]`` scale.
         pad_value: value of the canvas outside the content (``fit="pad"``), after normalisation.
         uint8_resize: resize uint8 images in uint8 and normalise afterwards (see :func:`resize`:
             on the CPU this is torch's integer kernel, which resizes the way PIL does and is
@@ -353,6 +377,8 @@ def tile_images(
     Each image is resized to the content size of every scale (bicubic, antialias, align_corners
     False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
     tiles. Output dtype: float32 for uint8 input, the input dtype otherwise; on the input device.
+    Float images are normalised before the resize (which is linear), so the padding of
+    ``fit="pad"`` is ``pad_value`` after normalisation, as for uint8.
     On the CPU a uint8 image is never widened to float32 whole: it is normalised and resized in
     bands of rows (or columns), with results identical to widening it whole.
 
@@ -389,10 +415,17 @@ def _tile(
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device
     t = plan_list[0].tile_size
+    # host tensors: no device sync
+    identity = bool((scale.cpu() == 1.0 / 255.0).all() and (shift.cpu() == 0.0).all())
     scale, shift = scale.to(device), shift.to(device)
 
     def normalise(x: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised float32, one pass
         return torch.addcmul(shift, x.to(torch.float32), scale)
+
+    if not uint8 and not identity:  # floats in [0, 1]: normalised before the resize
+        _check_float_range(items)
+        # in float32 (resizing computes in float32 too); the tiles keep the input dtype
+        items = [torch.addcmul(shift, img.to(torch.float32), scale * 255.0) for img in items]
 
     # Host arithmetic: the first tile index of every (image, scale), and groups of equal work:
     # images of one size are stacked once, then resized together per (content size, grid).

@@ -68,8 +68,12 @@ def main() -> None:
     # Scales are pixel sizes here. output_scale=0 resamples to the first scale's 7x7 grid, as S2
     # does (dynamic_s2's default, -1, keeps the largest scale's grid, as NVILA does). The model is
     # passed as it is: the HF adapter takes last_hidden_state and knows CLIP has one prefix token.
+    # The inputs are normalised already (by CLIP's processor): mean=0, std=1 says so (float images
+    # are otherwise read as [0, 1] and normalised with the backbone's mean and std).
     with torch.no_grad():
-        out = dynamic_s2.forward(model, inputs, scales=(224, 448), output_scale=0)
+        out = dynamic_s2.forward(
+            model, inputs, scales=(224, 448), output_scale=0, mean=0.0, std=1.0
+        )
     tokens = out.features.flatten(1, 2)  # [1, 49, 128]
     print(
         f"dynamic_s2.forward:    features {tuple(out.features.shape)}, "

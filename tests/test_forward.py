@@ -134,7 +134,7 @@ def test_batched_equals_alone(
             num_prefix=num_prefix,
             output_scale=options["output_scale"],
             mode=options["resample"],
-            **(norm if uint8 else {}),
+            **norm,  # one normalisation rule for uint8 and float images
         )
     assert_matches_reference(batched, maps, pre, TOL_REF)
 

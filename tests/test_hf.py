@@ -70,7 +70,8 @@ def _assert_same(a: dynamic_s2.MultiScaleFeatures, b: dynamic_s2.MultiScaleFeatu
 
 
 def test_options_are_the_plan_and_tile_fields_of_s2options() -> None:
-    assert sorted(OPTION_NAMES.values()) == sorted(stage_fields("plan", "tile"))
+    wanted = [*stage_fields("plan", "tile"), "pack", "output_scale"]  # + what decides the tokens
+    assert sorted(OPTION_NAMES.values()) == sorted(wanted)
     assert OPTION_NAMES["image_mean"] == "mean" and OPTION_NAMES["image_std"] == "std"
     defaults = {f.name: f.default for f in fields(S2Options)}
     for name, field in OPTION_NAMES.items():  # every option has a class default
@@ -217,20 +218,24 @@ class _Photos(torch.utils.data.Dataset):  # type: ignore[type-arg]
 def test_dataloader_with_two_workers(photos: dict[str, Path]) -> None:
     images = [np.asarray(PIL_Image.open(p).convert("RGB")) for p in photos.values()]
     tensors = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in images]
-    processor = DynamicS2ImageProcessor.nvila(scales=SCALES)
+    processor = DynamicS2ImageProcessor.nvila(scales=SCALES, tokens_per_tile=16)
     loader = torch.utils.data.DataLoader(
         _Photos(images),
         batch_size=3,
         num_workers=2,
         collate_fn=processor,
     )
-    model = torch.nn.Conv2d(3, 4, 8, stride=8)
+    model = torch.nn.Conv2d(3, 4, 8, stride=8)  # 32-px tiles -> 4 x 4 maps: 16 per tile
     seen = 0
     for batch in loader:
         part = images[seen : seen + len(batch["num_patches"])]
         assert torch.equal(batch["pixel_values"], processor(part)["pixel_values"])
         expected = forward(model, tensors[seen : seen + len(part)], options=processor.options())
-        _assert_same(run(model, batch), expected)
+        made = run(model, batch, options=processor.options())  # pack=2, as the counts say
+        _assert_same(made, expected)
+        assert [h * w for h, w in made.sizes] == batch["num_image_tokens"].tolist()
+        with pytest.raises(ValueError, match="declares num_image_tokens"):
+            run(model, batch)  # unpacked rows disagree with the declared counts
         seen += len(part)
     assert seen == len(images)
 

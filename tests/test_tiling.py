@@ -88,10 +88,8 @@ def test_tiles_equal_reference(
         "per-channel": {"mean": (0.48, 0.45, 0.40), "std": (0.27, 0.26, 0.28)},
     }[normalise]
     batch = tile_images(images, plans, pad_value=pad_value, **norm)
-    # float images are used as they are: mean and std apply to uint8 only
-    ref = reference_batch(
-        images, plans, pad_value=pad_value, **(norm if dtype == torch.uint8 else {})
-    )
+    # one rule: uint8 / 255 or float in [0, 1], then mean and std
+    ref = reference_batch(images, plans, pad_value=pad_value, **norm)
     t = plans[0].tile_size
     assert isinstance(batch, TileBatch)
     assert batch.tiles.shape == (sum(p.num_tiles for p in plans), 3, t, t)
@@ -198,12 +196,35 @@ def test_uint8_without_stats_is_in_unit_range() -> None:
     torch.testing.assert_close(tiles[0], image.float() / 255.0)
 
 
-def test_float_input_ignores_mean_and_std() -> None:
-    images = random_images([(24, 40)], seed=2)
+@given(
+    size=st.tuples(st.integers(2, 60), st.integers(2, 60)),
+    options=plan_options(),
+    seed=st.integers(0, 2**16),
+)
+def test_float_images_follow_the_uint8_rule(
+    size: tuple[int, int], options: dict[str, Any], seed: int
+) -> None:
+    """One normalisation rule: a float image ``u / 255`` tiles as the uint8 image ``u`` does."""
+    (image,) = random_images([size], dtype=torch.uint8, seed=seed)
+    plans = make_plans([size], options)
+    norm = {"mean": (0.48, 0.45, 0.40), "std": (0.27, 0.26, 0.28)}
+    from_uint8 = tile_images([image], plans, **norm).tiles
+    from_float = tile_images([image.float() / 255.0], plans, **norm).tiles
+    torch.testing.assert_close(from_float, from_uint8, atol=2e-5, rtol=1e-5)
+
+
+def test_float_images_outside_zero_one_are_refused_unless_stats_are_identity() -> None:
     plans = [plan_tiles(24, 40, (16, 32))]
-    plain = tile_images(images, plans).tiles
-    with_stats = tile_images(images, plans, mean=0.5, std=0.1).tiles
-    torch.testing.assert_close(with_stats, plain, atol=0, rtol=0)
+    image = random_images([(24, 40)], dtype=torch.uint8, seed=2)[0].float()  # 0..255 floats
+    with pytest.raises(ValueError, match=r"float image with values in \[0, 25"):
+        tile_images([image], plans, mean=0.5, std=0.5)
+    normalised = (image / 255.0 - 0.5) / 0.5  # in [-1, 1]: already normalised
+    with pytest.raises(ValueError, match=r"mean=0\.0, std=1\.0"):
+        tile_images([normalised], plans, mean=0.5, std=0.5)
+    plain = tile_images([normalised], plans).tiles  # no stats: used as they are
+    identity = tile_images([normalised], plans, mean=0.0, std=1.0).tiles
+    torch.testing.assert_close(identity, plain, atol=0, rtol=0)
+    assert float(plain.min()) < -0.5  # not normalised a second time
 
 
 # ---------------------------------------------------------------------------------------------
