@@ -50,15 +50,18 @@ def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _add_option_flags(p: argparse.ArgumentParser, *stages: str) -> None:
-    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``.
+def _add_option_flags(
+    p: argparse.ArgumentParser, *stages: str, without: tuple[str, ...] = ()
+) -> None:
+    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``, but those named in
+    ``without`` (options the command cannot honour: they are not offered).
 
     Each flag's default is the field's default, so the parsed namespace holds every option.
     """
     group = p.add_argument_group("pipeline options (see dynamic_s2.S2Options)")
     for f in dataclasses.fields(options.S2Options):
         meta = f.metadata
-        if meta["stage"] not in stages:
+        if meta["stage"] not in stages or f.name in without:
             continue
         flag = "--" + f.name.replace("_", "-")
         default_text = "" if f.default is None or f.default is False else f" (default {f.default})"

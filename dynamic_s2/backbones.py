@@ -340,7 +340,7 @@ def input_channels(backbone: Backbone) -> int | None:
         >>> input_channels(Backbone(lambda x: x)) is None
         True
     """
-    channels = getattr(getattr(backbone.module, "config", None), "num_channels", None)
+    channels: Any = getattr(getattr(backbone.module, "config", None), "num_channels", None)
     if _checks.is_int(channels):
         return int(channels)
     proj = getattr(getattr(backbone.module, "patch_embed", None), "proj", None)

@@ -43,6 +43,7 @@ from .store import ERRORS, MANIFEST, load_features, read_manifest
 from .tiling import TileBatch, collate
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "EXIT_SOME_FAILED",
     "IMAGE_SUFFIXES",
     "ExtractResult",
@@ -55,6 +56,16 @@ __all__ = [
 
 #: Exit status of ``dynamic-s2 extract`` when some images could not be read.
 EXIT_SOME_FAILED = 3
+
+#: The default ``max_pixels`` of :func:`extract`, :func:`~dynamic_s2.ray.extract_ray` and
+#: ``dynamic-s2 extract``: 50 megapixels. Larger photos than 45-MP cameras (8192 x 5464) and 8K
+#: frames (7680 x 4320) are rare, while a small file can declare far more: a 236 KB PNG of
+#: 9000 x 9000 (81 MP) took 1.7 GB to decode and tile. Below Pillow's own bomb guard (89 MP).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+#: Options that plan a batch as a whole, which an extraction cannot honour: it plans every image
+#: on its own, in the readers. :func:`list_inputs` refuses them; the command does not offer them.
+PER_BATCH_OPTIONS = ("tile_budget",)
 
 #: Testing aid: seconds to sleep after every batch, so that a test can kill a run mid-way.
 _DELAY_ENV = "DYNAMIC_S2_EXTRACT_DELAY"
@@ -292,11 +303,12 @@ def list_inputs(inputs: Any, options: S2Options) -> list[Path]:
     Images are planned one at a time in the readers, so ``tile_budget`` (a whole batch's budget)
     cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image.
     """
-    if options.tile_budget is not None:
-        raise ValueError(
-            f"tile_budget={options.tile_budget!r} plans a batch as a whole, but extraction plans "
-            "every image on its own: use max_tiles (per image) or max_upscale instead"
-        )
+    for name in PER_BATCH_OPTIONS:
+        if getattr(options, name) is not None:
+            raise ValueError(
+                f"{name}={getattr(options, name)!r} plans a batch as a whole, but extraction "
+                "plans every image on its own: use max_tiles (per image) or max_upscale instead"
+            )
     paths = find_images(inputs)
     if not paths:
         raise ValueError(f"inputs: no image files found in {inputs!r}")
@@ -385,7 +397,9 @@ class _Counts:
 def _record_failure(out: Path, rank: int | None, item: _Failed, counts: _Counts) -> None:
     counts.failed += 1
     warnings.warn(
-        f"skipping {item.job.path}: {item.error}: {item.message}", ExtractWarning, stacklevel=3
+        _checks.printable(f"skipping {item.job.path}: {item.error}: {item.message}"),
+        ExtractWarning,
+        stacklevel=3,
     )
     store.append_error(out, rank, item.job.path, item.error, item.message)
 
@@ -474,7 +488,7 @@ def extract(
     shard_size: int = 100,
     overwrite: bool = False,
     progress: bool = True,
-    max_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     options: S2Options | None = None,
     **kwargs: Any,
 ) -> ExtractResult:
@@ -499,8 +513,9 @@ def extract(
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
         max_pixels: the most pixels (``h * w``, from the file's header, before decoding) of an
-            image; larger images are listed in ``errors.jsonl`` instead (``None``: no cap beyond
-            Pillow's own decompression-bomb guard).
+            image; larger images are listed in ``errors.jsonl`` instead. Default
+            :data:`DEFAULT_MAX_PIXELS` (50 megapixels); ``None``: no cap beyond Pillow's own
+            decompression-bomb guard.
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...), as in :func:`dynamic_s2.forward`. The fields that change the
