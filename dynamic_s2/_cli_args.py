@@ -61,7 +61,10 @@ def _add_option_flags(
     group = p.add_argument_group("pipeline options (see dynamic_s2.S2Options)")
     for f in dataclasses.fields(options.S2Options):
         meta = f.metadata
-        if meta["stage"] not in stages or f.name in without:
+        if meta["stage"] not in stages:
+            continue
+        if f.name in without:  # not offered, but the namespace still holds every option
+            p.set_defaults(**{f.name: f.default})
             continue
         flag = "--" + f.name.replace("_", "-")
         default_text = "" if f.default is None or f.default is False else f" (default {f.default})"
