@@ -62,7 +62,7 @@ def is_sequence(value: object) -> bool:
 
 
 def printable(text: object, keep: str = "") -> str:
-    """``str(text)`` safe to show on a terminal: every non-printable character (escape sequences,
+    r"""``str(text)`` safe to show on a terminal: every non-printable character (escape sequences,
     carriage returns, bidi controls) written as its Python escape, but those in ``keep``.
 
     File names come from anyone: echoed raw, one could rewrite the terminal or forge lines.
