@@ -13,14 +13,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .backbones import Backbone, as_backbone
 from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge, check_plan_list
-from .options import S2Options, default_scales, make_options
-from .plan import TilePlan
+from .options import S2Options, default_scales, make_options, stage_fields
+from .packing import num_image_tokens
+from .plan import TilePlan, shared_tiles
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
 __all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
@@ -38,10 +40,14 @@ def _plans(
     opts: S2Options,
     plans: Sequence[TilePlan] | TilePlan | None,
     given: Mapping[str, Any],
+    single: Sequence[bool] | None = None,
 ) -> tuple[TilePlan, ...]:
     """The plan of every image: made from the options, or ``plans`` checked against them."""
     if plans is None:
-        return tuple(opts.plan([(int(img.shape[-2]), int(img.shape[-1])) for img in items]))
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in items]
+        return tuple(opts.plan(sizes, single))
+    if single is not None:
+        raise ValueError("single has no effect with plans=, which fix the tiles: give one or the other")
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
         _check_plan_agrees(i, p, opts, given)
@@ -50,30 +56,36 @@ def _plans(
     return plan_list
 
 
-def _check_plan_agrees(i: int, plan: TilePlan, opts: S2Options, given: Mapping[str, Any]) -> None:
+def _check_plan_agrees(
+    i: int, plan: TilePlan, opts: S2Options, given: Mapping[str, Any], prepared: bool = False
+) -> None:
     """``ValueError`` when a planning option the caller gave disagrees with ``plans[i]``, which
-    would otherwise be silently ignored."""
+    would otherwise be silently ignored. A ``policy="single"`` plan (one tile per scale, NVILA's
+    multi-image mode, chosen per image) agrees with any policy and cap."""
     made = {
         "scales": tuple(sp.scale for sp in plan.scales),
         "tile_size": plan.tile_size,
         "policy": plan.policy,
         "fit": plan.fit,
     }
+    single = plan.policy == "single"
     for name, value in given.items():
-        if value is None:
+        if value is None or (single and name == "policy"):
             continue
         if name in made and getattr(opts, name) != made[name]:
             raise ValueError(
                 f"{name}={value!r} disagrees with plans[{i}], made with {name}={made[name]!r}: "
                 "give one or the other"
             )
+        if name == "tile_budget" and prepared:
+            continue  # a prepared batch's budget is checked on its total, see _check_batch
         if name == "tile_budget":
             raise ValueError(
                 f"tile_budget={value!r} has no effect with plans=, which fix the tiles: give one "
                 "or the other"
             )
     caps = {k: getattr(opts, k) for k in ("max_tiles", "max_upscale") if given.get(k) is not None}
-    if caps:  # the plan must be the one these caps give
+    if caps and not single:  # the plan must be the one these caps give
         again = opts.replace(**made, **caps, tile_budget=None).plan([plan.image_size])[0]
         if again.grids != plan.grids:
             raise ValueError(
@@ -81,6 +93,25 @@ def _check_plan_agrees(i: int, plan: TilePlan, opts: S2Options, given: Mapping[s
                 f"whose grids {plan.grids} are not the ones it gives ({again.grids}): give one "
                 "or the other"
             )
+
+
+def _check_batch(batch: TileBatch, opts: S2Options, given: Mapping[str, Any]) -> None:
+    """``ValueError`` when a prepared batch disagrees with options the caller gave (scales, tile
+    size, policy, fit, caps, budget) or its tiles are not the size its plans were made for."""
+    t = batch.plans[0].tile_size
+    if tuple(batch.tiles.shape[-2:]) != (t, t):
+        raise ValueError(
+            f"batch tiles are {tuple(batch.tiles.shape[-2:])} pixels but its plans were made for "
+            f"{t}x{t} tiles"
+        )
+    for i, plan in enumerate(batch.plans):
+        _check_plan_agrees(i, plan, opts, given, prepared=True)
+    budget = given.get("tile_budget")
+    total = sum(batch.tile_counts)
+    if budget is not None and total > budget:
+        raise ValueError(
+            f"tile_budget={budget} disagrees with the batch, whose plans hold {total} tiles"
+        )
 
 
 def _tiler(
@@ -103,6 +134,7 @@ def prepare(
     plans: Sequence[TilePlan] | TilePlan | None = None,
     model: Any = None,
     options: S2Options | None = None,
+    single: Sequence[bool] | None = None,
     **kwargs: Any,
 ) -> TileBatch:
     """Plan and tile a batch of images: the CPU half of the chain, with no model call.
@@ -116,6 +148,9 @@ def prepare(
         plans: one :class:`~dynamic_s2.plan.TilePlan` per image, instead of planning.
         model: a backbone to take defaults from (scales, tile size, mean/std); it is not called.
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
+        single: per image, ``True`` for one tile at every scale (``policy="single"``: NVILA's
+            mode for prompts with several images and for video frames), see
+            :meth:`~dynamic_s2.options.S2Options.plan`.
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options`.
 
     Returns:
@@ -131,7 +166,7 @@ def prepare(
     if model is not None:
         opts = opts.resolve(as_backbone(model))
     items = check_images(images)
-    plan_list = _plans(items, opts, plans, given)
+    plan_list = _plans(items, opts, plans, given, single)
     return TileBatch(_tiler(items, plan_list, opts)(0, len(items)), plan_list)
 
 
@@ -167,7 +202,18 @@ def run(
         [(8, 12)]
     """
     opts = make_options(options, kwargs, where="run()", stages=("encode", "merge"))
-    if isinstance(batch, Mapping):  # a BatchFeature from dynamic_s2.hf.DynamicS2ImageProcessor
+    prepared, expected = _as_batch(batch)
+    backbone = as_backbone(model, feature_layer=opts.feature_layer)
+    return _run_batch(backbone, prepared, opts.resolve(backbone, planning=False), expected)
+
+
+def _as_batch(batch: Any) -> tuple[TileBatch, list[int] | None]:
+    """A prepared batch as a checked :class:`TileBatch`, and the image-token count of every
+    image when the batch declares them (``num_image_tokens`` of the HF processors)."""
+    expected = None
+    if isinstance(batch, Mapping):  # a BatchFeature from dynamic_s2.hf
+        counts = batch.get("num_image_tokens")
+        expected = None if counts is None else [int(n) for n in counts]
         batch = TileBatch.from_features(batch)
     if not isinstance(batch, TileBatch):
         raise TypeError(f"batch must be a TileBatch (from prepare), got {type(batch).__name__}")
@@ -179,10 +225,46 @@ def run(
             f"batch has {tiles.shape[0]} tiles but its plans need {sum(batch.tile_counts)}"
         )
     check_plan_list(batch.plans)  # one tile size and one number of scales (collate can mix)
-    backbone = as_backbone(model, feature_layer=opts.feature_layer)
-    opts = opts.resolve(backbone, planning=False)
+    _check_batch(batch, S2Options(), {})  # tiles of the plans' size
+    if expected is not None and len(expected) != len(batch.plans):
+        raise ValueError(
+            f"batch declares num_image_tokens for {len(expected)} images but holds "
+            f"{len(batch.plans)} plans"
+        )
+    return batch, expected
+
+
+def _run_batch(
+    backbone: Backbone, batch: TileBatch, opts: S2Options, expected: list[int] | None
+) -> MultiScaleFeatures:
+    """Encode and merge a checked batch; check the rows made against the declared counts."""
+    tiles = batch.tiles
     ends = [0, *itertools.accumulate(batch.tile_counts)]
-    return _run(backbone, batch.plans, lambda a, b: tiles[ends[a] : ends[b]], opts)
+    out = _run(backbone, batch.plans, lambda a, b: tiles[ends[a] : ends[b]], opts)
+    if expected is not None:
+        made = [h * w for h, w in out.sizes]
+        if made != expected:
+            raise ValueError(
+                f"the batch declares num_image_tokens {expected} (the prompt's placeholders) but "
+                f"the model side made {made} rows per image with pack={opts.pack}, "
+                f"output_scale={opts.output_scale}: build the processor with this layer's "
+                "tokens_per_tile, pack and output_scale"
+            )
+    return out
+
+
+def _sharing(plans: Sequence[TilePlan]) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Per image, its distinct tiles (local indices) and, per tile, the row of its distinct
+    tile (see :func:`~dynamic_s2.plan.shared_tiles`); ``None`` when every tile is distinct."""
+    sources = [shared_tiles(p) for p in plans]
+    if all(src == tuple(range(len(src))) for src in sources):
+        return None
+    keep, expand = [], []
+    for src in sources:
+        kept = np.unique(np.asarray(src, dtype=np.int64))
+        keep.append(kept)
+        expand.append(np.searchsorted(kept, src))
+    return keep, expand
 
 
 def _run(
@@ -191,17 +273,41 @@ def _run(
     tiles: Callable[[int, int], torch.Tensor],
     opts: S2Options,
 ) -> MultiScaleFeatures:
-    """Encode and merge, in one backbone call or in a stream of full chunks."""
+    """Encode and merge, in one backbone call or in a stream of full chunks.
+
+    Tiles that a plan renders twice (scales with the same grid and content, see
+    :func:`~dynamic_s2.plan.shared_tiles`) are encoded once and their features reused.
+    """
     out_index = plans[0].scale_index(opts.output_scale, "output_scale")
     chunk, multiple = check_chunking(opts.max_batch_tiles, opts.pad_to_multiple)
+    sharing = _sharing(plans)
+    counts = [p.num_tiles for p in plans] if sharing is None else [len(k) for k in sharing[0]]
 
-    def combine(features: torch.Tensor, part: Sequence[TilePlan]) -> MultiScaleFeatures:
+    def distinct(a: int, b: int) -> torch.Tensor:
+        made = tiles(a, b)
+        if sharing is None:
+            return made
+        rows = _rows(sharing[0][a:b], [p.num_tiles for p in plans[a:b]])
+        return made.index_select(0, rows.to(made.device))
+
+    def combine(features: torch.Tensor, a: int, b: int) -> MultiScaleFeatures:
+        part = plans[a:b]
+        if sharing is not None:
+            rows = _rows(sharing[1][a:b], counts[a:b])
+            features = features.index_select(0, rows.to(features.device))
         prefix = _prefix_tokens(features, opts.num_prefix_tokens)
         return _merge(features, part, out_index, opts.resample, prefix, opts.pack)
 
     if chunk is None:  # everything in one backbone call
-        return combine(_encode(backbone, tiles(0, len(plans)), None, multiple), plans)
-    return MultiScaleFeatures.cat(list(_stream(backbone, plans, chunk, multiple, tiles, combine)))
+        return combine(_encode(backbone, distinct(0, len(plans)), None, multiple), 0, len(plans))
+    parts = _stream(backbone, counts, chunk, multiple, distinct, combine)
+    return MultiScaleFeatures.cat(list(parts))
+
+
+def _rows(local: Sequence[np.ndarray], sizes: Sequence[int]) -> torch.Tensor:
+    """Local row indices of consecutive images, offset by the sizes of the images before."""
+    offsets = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
+    return torch.from_numpy(np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)]))
 
 
 def _prefix_tokens(features: torch.Tensor, declared: int | None) -> int | None:
@@ -286,11 +392,11 @@ def _forward(
 
 def _stream(
     backbone: Backbone,
-    plans: Sequence[TilePlan],
+    counts: Sequence[int],
     chunk: int,
     multiple: int | None,
     tile: Callable[[int, int], torch.Tensor],
-    combine: Callable[[torch.Tensor, Sequence[TilePlan]], MultiScaleFeatures],
+    combine: Callable[[torch.Tensor, int, int], MultiScaleFeatures],
 ) -> Iterator[MultiScaleFeatures]:
     """Tile, encode and merge in a stream of full chunks of ``chunk`` tiles.
 
@@ -299,7 +405,6 @@ def _stream(
     there are. Chunk boundaries do not depend on image boundaries: every backbone call but the
     last gets exactly ``chunk`` tiles.
     """
-    counts = [p.num_tiles for p in plans]
     ends = list(itertools.accumulate(counts))  # tile index just past each image
     tiled = merged = 0  # images tiled so far; images merged so far
     queue: list[torch.Tensor] = []  # tiles made but not yet encoded
@@ -327,12 +432,12 @@ def _stream(
         encoded += take
         # Merge every image whose tiles are all encoded.
         ready = merged
-        while ready < len(plans) and ends[ready] <= encoded:
+        while ready < len(counts) and ends[ready] <= encoded:
             ready += 1
         if ready > merged:
             features = torch.cat(done) if len(done) > 1 else done[0]
             used = ends[ready - 1] - (ends[merged - 1] if merged else 0)
-            yield combine(features[:used], plans[merged:ready])
+            yield combine(features[:used], merged, ready)
             left = features[used:]
             done = [left] if left.shape[0] else []
             merged = ready
@@ -383,6 +488,13 @@ class DynamicS2(nn.Module):
         self.scales: tuple[int, ...] = self.options.scales or ()
         # what a call's plans= must agree with
         self._fixed = {"scales": self.scales, "tile_size": self.options.tile_size}
+        # what a prepared batch must agree with: the plan options this layer was given
+        defaults = S2Options()
+        self._given = {
+            name: getattr(opts, name)
+            for name in stage_fields("plan")
+            if getattr(opts, name) != getattr(defaults, name)
+        }
 
     def forward(
         self,
@@ -393,12 +505,17 @@ class DynamicS2(nn.Module):
 
         ``images`` may also be a prepared batch: a :class:`~dynamic_s2.tiling.TileBatch` or the
         ``BatchFeature`` of :class:`~dynamic_s2.hf.DynamicS2ImageProcessor`, which is then
-        encoded and merged as :func:`run` does (its plans decide the tiles).
+        encoded and merged as :func:`run` does (its plans decide the tiles). A plan option this
+        layer was given (scales, tile size, policy, fit, caps, budget) that the batch's plans
+        disagree with raises ``ValueError``, as ``plans=`` does, and so does a batch whose
+        declared ``num_image_tokens`` differ from the rows this layer makes.
         """
         if self.backbone is not self.adapter.module:  # replaced, e.g. by torch.compile
             self.adapter = self.adapter.with_module(self.backbone)
         if isinstance(images, TileBatch | Mapping) and plans is None:
-            return run(self.adapter, images, options=self.options)
+            batch, expected = _as_batch(images)
+            _check_batch(batch, self.options, self._given)
+            return _run_batch(self.adapter, batch, self.options, expected)
         return _forward(self.adapter, check_images(images), plans, self.options, self._fixed)
 
     def compile_backbone(self, **options: Any) -> DynamicS2:

@@ -160,6 +160,8 @@ def _ladder(
     h, w = hw
     top = plan_tiles(h, w, sc, **opts)
     rest = {k: v for k, v in opts.items() if k not in ("max_tiles", "policy")}
+    if top.policy == "single":  # one tile per scale already: nothing to give up
+        return ((top.num_tiles, plan_cost(top), top),)
     if top.policy == "nvila":
         lowest = (sc[-1] // sc[0]) ** 2
         plans = [top] + [

@@ -16,7 +16,7 @@ Examples:
     >>> S2Options(policy="square")
     Traceback (most recent call last):
         ...
-    ValueError: policy must be one of ('aspect', 'nvila'), got 'square'
+    ValueError: policy must be one of ('aspect', 'nvila', 'single'), got 'square'
 """
 
 from __future__ import annotations
@@ -237,13 +237,27 @@ class S2Options:
         _check_declarations(backbone, resolved)
         return resolved
 
-    def plan(self, sizes: Sequence[tuple[int, int]]) -> list[TilePlan]:
+    def plan(
+        self, sizes: Sequence[tuple[int, int]], single: Sequence[bool] | None = None
+    ) -> list[TilePlan]:
         """The plans of images of ``sizes`` ``(h, w)``: each on its own, or, with
         ``tile_budget``, the batch as a whole (:func:`~dynamic_s2.budget.plan_batch`).
+
+        This is the one planning entry point of the chain: :func:`~dynamic_s2.prepare`, the HF
+        processors and every count they answer (tiles, tokens, placeholders) plan through it.
+
+        Args:
+            sizes: ``(h, w)`` of every image.
+            single: per image, ``True`` to give it one tile at every scale
+                (``policy="single"``: NVILA's mode for prompts with several images and for video
+                frames) whatever the policy. Under ``tile_budget`` those tiles are counted
+                first and the other images share what is left.
 
         Examples:
             >>> [p.grids for p in S2Options(scales=(32, 64)).plan([(32, 64)])]
             [((1, 2), (2, 4))]
+            >>> [p.policy for p in S2Options(scales=(32, 64)).plan([(32, 64)] * 2, [True, False])]
+            ['single', 'aspect']
         """
         if self.scales is None:
             raise ValueError(
@@ -252,9 +266,31 @@ class S2Options:
             )
         settings = self.stage("plan")
         scales, budget = settings.pop("scales"), settings.pop("tile_budget")
-        if budget is not None:
-            return plan_batch(sizes, scales, tile_budget=budget, **settings)
-        return [plan_tiles(h, w, scales, **settings) for h, w in sizes]
+        flags = _single_flags(single, len(sizes))
+        one = {
+            i: plan_tiles(*sizes[i], scales, tile_size=self.tile_size, policy="single", fit=self.fit)
+            for i, flag in enumerate(flags)
+            if flag
+        }
+        rest = [i for i, flag in enumerate(flags) if not flag]
+        rest_sizes = [sizes[i] for i in rest]
+        if budget is not None and rest:
+            left = budget - sum(p.num_tiles for p in one.values())
+            if left < len(rest) * len(scales):
+                raise ValueError(
+                    f"tile_budget={budget} leaves {left} tiles for the {len(rest)} Dynamic-S2 "
+                    f"images after the {len(one)} one-tile images, below one tile per scale each"
+                )
+            planned = plan_batch(rest_sizes, scales, tile_budget=left, **settings)
+        else:
+            planned = [plan_tiles(h, w, scales, **settings) for h, w in rest_sizes]
+        one.update(zip(rest, planned, strict=True))
+        if budget is not None and sum(p.num_tiles for p in one.values()) > budget:
+            raise ValueError(
+                f"tile_budget={budget} is below the {len(one)} one-tile images' "
+                f"{sum(p.num_tiles for p in one.values())} tiles"
+            )
+        return [one[i] for i in range(len(sizes))]
 
     def stage(self, *stages: str) -> dict[str, Any]:
         """The options read by ``stages``, as keyword arguments.
@@ -296,6 +332,15 @@ def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
 
 def _keep(name: str, value: Any) -> Any:
     return value
+
+
+def _single_flags(single: Any, count: int) -> list[bool]:
+    """``single`` as one bool per image (all ``False`` when ``None``)."""
+    if single is None:
+        return [False] * count
+    if not _checks.is_sequence(single) or len(single) != count:
+        raise ValueError(f"single must hold one bool per image ({count}), got {single!r}")
+    return [_checks.boolean(f"single[{i}]", v) for i, v in enumerate(single)]
 
 
 def _check_int(name: str, value: Any) -> int:

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import _checks
+from .plan import TilePlan
 
-__all__ = ["pack_tokens", "pack_tokens_batch", "packed_size"]
+__all__ = ["num_image_tokens", "pack_tokens", "pack_tokens_batch", "packed_size"]
 
 
 def packed_size(hw: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -29,6 +30,40 @@ def packed_size(hw: tuple[int, int], factor: int) -> tuple[int, int]:
         (3, 4)
     """
     return -(-hw[0] // factor), -(-hw[1] // factor)
+
+
+def num_image_tokens(
+    plan: TilePlan, tokens_per_side: int, *, pack: int | None = None, output_scale: int = -1
+) -> int:
+    """Rows the model side makes for an image: its merged map, packed by ``pack``.
+
+    The merged map is the output scale's valid feature grid
+    (:meth:`~dynamic_s2.plan.ScalePlan.feature_size`, what :func:`dynamic_s2.merge` gives);
+    ``pack=k`` turns every ``k × k`` block into one row (:func:`packed_size`). This is the count
+    every token question of the library answers from (the HF processors' placeholders,
+    :func:`dynamic_s2.nvila.num_tokens`), so it cannot differ from what
+    ``run(..., pack=k)`` makes for the same plan.
+
+    Args:
+        plan: the image's plan, made with the batch (under a ``tile_budget`` the batch decides).
+        tokens_per_side: feature cells per tile side (32 for SigLIP-448/14).
+        pack: the packing block side (NVILA: 2), or ``None`` for no packing.
+        output_scale: index of the merge's output scale.
+
+    Examples:
+        >>> from dynamic_s2 import plan_tiles
+        >>> plan = plan_tiles(1080, 1920, (448, 896, 1344), policy="nvila")
+        >>> num_image_tokens(plan, 32, pack=2)
+        3072
+        >>> num_image_tokens(plan_tiles(300, 500, (448, 896), policy="single"), 32, pack=2)
+        256
+    """
+    if not isinstance(plan, TilePlan):
+        raise TypeError(f"plan must be a TilePlan, got {type(plan).__name__}")
+    grid = plan.feature_size(plan.scale_index(output_scale, "output_scale"), tokens_per_side)
+    k = _checks.optional(_checks.positive_int, "pack", pack)
+    rows, cols = grid if k is None else packed_size(grid, k)
+    return rows * cols
 
 
 def _check_map(name: str, feature_map: Any) -> torch.Tensor:

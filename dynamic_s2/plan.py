@@ -5,12 +5,15 @@ later stage (tiling, encoding, merging, NVILA preprocessing) reads its sizes fro
 never redoes the arithmetic. Planning is pure Python and cached, so it is cheap enough to run in
 data-loader workers or on every call.
 
-Two policies:
+Three policies:
 
 * ``"aspect"`` (default): at every scale a grid shaped like the image, all scales chosen together
   so that every scale has more tiles than the one below (see :func:`plan_tiles`).
 * ``"nvila"``: NVILA's Dynamic-S2 rule, reproduced exactly: square k×k grids at every scale but the
   last, an aspect-matched grid from a fixed candidate list at the last.
+* ``"single"``: one tile at every scale, the whole image resized to the tile: NVILA's mode for
+  prompts with several images and for video frames. Its scales render identical tiles, which
+  :func:`dynamic_s2.run` encodes once (see :func:`shared_tiles`).
 
 Two fits:
 
@@ -47,13 +50,15 @@ __all__ = [
     "TilePlan",
     "grid_aspect_error",
     "nvila_plan_for_block",
+    "as_plans",
     "plan_tiles",
+    "shared_tiles",
 ]
 
-Policy = Literal["aspect", "nvila"]
+Policy = Literal["aspect", "nvila", "single"]
 Fit = Literal["stretch", "pad"]
 
-POLICIES: tuple[str, ...] = ("aspect", "nvila")
+POLICIES: tuple[str, ...] = ("aspect", "nvila", "single")
 FITS: tuple[str, ...] = ("stretch", "pad")
 
 #: Price, under the ``"aspect"`` policy, of a grid whose tile count ``n`` exceeds the scale's target
@@ -329,6 +334,11 @@ class TilePlan:
             )
         if policy == "nvila" and upscale is None:  # max_upscale departs from NVILA's rule
             _check_nvila_rule(scales)
+        if policy == "single" and any(sp.grid != (1, 1) for sp in scales):
+            raise ValueError(
+                f"a policy='single' plan has one tile at every scale, got grids "
+                f"{[sp.grid for sp in scales]}"
+            )
         return cls(image_size, tile, tuple(scales), policy, fit, upscale)
 
 
@@ -374,18 +384,13 @@ def check_settings(
     t = _check_tile_size(sc[0] if tile_size is None else tile_size)
     if sc[0] < t:
         raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
-    if policy == "nvila" and t != sc[0]:
-        raise ValueError(
-            f"tile_size must equal the first scale {sc[0]} under policy='nvila' (NVILA tiles at "
-            f"its first scale), got {tile_size!r}"
-        )
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     caps = _checks.max_tiles(max_tiles, len(sc), MAX_TILES)
     if policy == "nvila":
-        check_nvila_settings(sc, caps)
+        check_nvila_settings(sc, caps, t)
     return sc, t, caps
 
 
@@ -415,7 +420,9 @@ def plan_tiles(
         max_tiles: tile budget. ``None``: the policy's default. An int caps the largest scale and
             the others in proportion to their area (at least one tile). A sequence gives one cap
             per scale. Under ``policy="nvila"`` it is NVILA's ``max_num`` (default 12).
-        policy: ``"aspect"`` (aspect-matched grid at every scale) or ``"nvila"`` (NVILA's rule).
+        policy: ``"aspect"`` (aspect-matched grid at every scale), ``"nvila"`` (NVILA's rule) or
+            ``"single"`` (one tile at every scale: NVILA's multi-image and video mode;
+            ``max_tiles`` and ``max_upscale`` have nothing to cap).
         fit: ``"stretch"`` (resize to fill the canvas) or ``"pad"`` (keep the aspect ratio, pad
             bottom and right).
         max_upscale: ``None`` (no limit) or the largest factor by which any scale may enlarge
@@ -501,6 +508,8 @@ def _plan_uncached(
     sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
     upscale = _checks.optional(_checks.positive_number, "max_upscale", max_upscale)
     price = ASPECT_TILE_PRICE if tile_price is None else tile_price
+    if policy == "single":
+        return _make_plan(h, w, sc, t, [(1, 1)] * len(sc), policy, fit, upscale)
     if policy == "nvila":
         grids = nvila_grids(h, w, sc, t, caps)
     else:
@@ -613,3 +622,59 @@ def nvila_plan_for_block(block_size: tuple[int, int], scales: Sequence[int]) -> 
         "nvila",
         "stretch",
     )
+
+
+def shared_tiles(plan: TilePlan) -> tuple[int, ...]:
+    """For every tile of ``plan``, the index of the first tile that is identical to it.
+
+    Two scales with the same grid and content size render the same tiles (the image is resized to
+    the same size and cut the same way), so their tiles are computed once by the tiler and encoded
+    once by :func:`dynamic_s2.run`: a ``policy="single"`` plan has one distinct tile, a plan
+    capped by ``max_upscale`` may have repeated scales. A tile that is the first of its kind maps
+    to itself.
+
+    Examples:
+        >>> shared_tiles(plan_tiles(300, 500, (32, 64, 96), policy="single"))
+        (0, 0, 0)
+        >>> shared_tiles(plan_tiles(30, 30, (32, 64), max_upscale=1.0))
+        (0, 0)
+        >>> shared_tiles(plan_tiles(64, 64, (32, 64)))
+        (0, 1, 2, 3, 4)
+    """
+    first: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+    out: list[int] = []
+    start = 0
+    for sp in plan.scales:
+        origin = first.setdefault((sp.grid, sp.content_size), start)
+        out.extend(range(origin, origin + sp.num_tiles))
+        start += sp.num_tiles
+    return tuple(out)
+
+
+def as_plans(plans: Any, name: str = "plans") -> tuple[TilePlan, ...]:
+    """Plans given as :class:`TilePlan` s or their :meth:`~TilePlan.to_dict` dicts (what
+    :class:`~dynamic_s2.hf.DynamicS2ImageProcessor` returns), as a tuple of :class:`TilePlan`.
+
+    Raises:
+        TypeError: ``plans`` is not a sequence of plans or dicts.
+        ValueError: ``plans`` is empty, or a dict is not a valid plan.
+
+    Examples:
+        >>> plan = plan_tiles(60, 80, (32, 64))
+        >>> as_plans([plan.to_dict(), plan]) == (plan, plan)
+        True
+    """
+    if isinstance(plans, TilePlan | Mapping):
+        plans = [plans]
+    if not isinstance(plans, Sequence) or isinstance(plans, str | bytes):
+        raise TypeError(f"{name} must be a sequence of TilePlans (or their dicts), got {plans!r}")
+    if len(plans) == 0:
+        raise ValueError(f"{name} must not be empty: give one plan per image")
+    out = []
+    for i, p in enumerate(plans):
+        if isinstance(p, Mapping):
+            p = TilePlan.from_dict(p)
+        if not isinstance(p, TilePlan):
+            raise TypeError(f"{name}[{i}] must be a TilePlan or its dict, got {type(p).__name__}")
+        out.append(p)
+    return tuple(out)
