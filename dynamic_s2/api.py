@@ -21,7 +21,6 @@ from .backbones import Backbone, as_backbone
 from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge, check_plan_list
 from .options import S2Options, default_scales, make_options, stage_fields
-from .packing import num_image_tokens
 from .plan import TilePlan, shared_tiles
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
@@ -47,7 +46,9 @@ def _plans(
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in items]
         return tuple(opts.plan(sizes, single))
     if single is not None:
-        raise ValueError("single has no effect with plans=, which fix the tiles: give one or the other")
+        raise ValueError(
+            "single has no effect with plans=, which fix the tiles: give one or the other"
+        )
     plan_list = check_plans(plans, items)
     for i, p in enumerate(plan_list):
         _check_plan_agrees(i, p, opts, given)
@@ -307,7 +308,9 @@ def _run(
 def _rows(local: Sequence[np.ndarray], sizes: Sequence[int]) -> torch.Tensor:
     """Local row indices of consecutive images, offset by the sizes of the images before."""
     offsets = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
-    return torch.from_numpy(np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)]))
+    return torch.from_numpy(
+        np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)])
+    )
 
 
 def _prefix_tokens(features: torch.Tensor, declared: int | None) -> int | None:

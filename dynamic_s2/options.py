@@ -268,7 +268,9 @@ class S2Options:
         scales, budget = settings.pop("scales"), settings.pop("tile_budget")
         flags = _single_flags(single, len(sizes))
         one = {
-            i: plan_tiles(*sizes[i], scales, tile_size=self.tile_size, policy="single", fit=self.fit)
+            i: plan_tiles(
+                *sizes[i], scales, tile_size=self.tile_size, policy="single", fit=self.fit
+            )
             for i, flag in enumerate(flags)
             if flag
         }

@@ -48,9 +48,9 @@ __all__ = [
     "Policy",
     "ScalePlan",
     "TilePlan",
+    "as_plans",
     "grid_aspect_error",
     "nvila_plan_for_block",
-    "as_plans",
     "plan_tiles",
     "shared_tiles",
 ]

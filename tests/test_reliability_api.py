@@ -161,7 +161,7 @@ def test_an_implausible_prefix_guess_warns() -> None:
     plans = [plan_tiles(32, 32, (32,))]
     with pytest.warns(PrefixGuessWarning, match="15 tokens.*6 prefix tokens.*3x3"):
         merge(torch.rand(1, 15, 4), plans)
-    with pytest.raises(ValueError, match="num_prefix_tokens.*15 tokens.*got None"):
+    with pytest.raises(ValueError, match=r"num_prefix_tokens.*15 tokens.*got None"):
         forward(lambda x: torch.rand(x.shape[0], 15, 4), IMAGES, SCALES)
     import warnings
 
