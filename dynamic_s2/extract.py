@@ -59,8 +59,8 @@ EXIT_SOME_FAILED = 3
 
 #: The default ``max_pixels`` of :func:`extract`, :func:`~dynamic_s2.ray.extract_ray` and
 #: ``dynamic-s2 extract``: 50 megapixels. Larger photos than 45-MP cameras (8192 x 5464) and 8K
-#: frames (7680 x 4320) are rare, while a small file can declare far more: a 236 KB PNG of
-#: 9000 x 9000 (81 MP) took 1.7 GB to decode and tile. Below Pillow's own bomb guard (89 MP).
+#: frames (7680 x 4320) are rare, while a small file can declare far more: an outside campaign
+#: measured 1.7 GB for a 236 KB PNG of 9000 x 9000 (81 MP). Below Pillow's own guard (89 MP).
 DEFAULT_MAX_PIXELS = 50_000_000
 
 #: Options that plan a batch as a whole, which an extraction cannot honour: it plans every image
