@@ -26,7 +26,7 @@ from ._cli_args import (
     _UsageError,
 )
 from ._optional import require
-from .extract import DEFAULT_MAX_PIXELS, PER_BATCH_OPTIONS
+from .extract import DEFAULT_MAX_PIXELS
 from .plan import TilePlan
 
 NL = "\n"  # the one control character an error message may show
@@ -420,7 +420,7 @@ def _add_extract_command(sub: Any) -> None:
         metavar="NAME",
         help="efficientnet-lite0 (default, offline ImageNet weights), hf:NAME_OR_PATH or timm:NAME",
     )
-    _add_option_flags(p, *options.STAGES, without=PER_BATCH_OPTIONS)
+    _add_option_flags(p, *options.STAGES, without=options.BATCH_OPTIONS)
     p.add_argument(
         "--batch-images", type=_positive_int, default=8, metavar="N", help="images per batch (8)"
     )

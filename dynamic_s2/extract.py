@@ -36,7 +36,7 @@ from ._images import find_images, read_image
 from ._optional import require
 from .api import prepare, run
 from .backbones import Backbone, as_backbone, load_backbone
-from .options import S2Options, default_scales, make_options
+from .options import BATCH_OPTIONS, S2Options, default_scales, make_options
 from .plan import TilePlan
 from .store import CONFIG as CONFIG
 from .store import ERRORS, MANIFEST, load_features, read_manifest
@@ -57,15 +57,9 @@ __all__ = [
 #: Exit status of ``dynamic-s2 extract`` when some images could not be read.
 EXIT_SOME_FAILED = 3
 
-#: The default ``max_pixels`` of :func:`extract`, :func:`~dynamic_s2.ray.extract_ray` and
-#: ``dynamic-s2 extract``: 50 megapixels. Larger photos than 45-MP cameras (8192 x 5464) and 8K
-#: frames (7680 x 4320) are rare, while a small file can declare far more: an outside campaign
-#: measured 1.7 GB for a 236 KB PNG of 9000 x 9000 (81 MP). Below Pillow's own guard (89 MP).
+#: Default ``max_pixels`` (also of ``extract_ray`` and the command): 45-MP photos and 8K frames
+#: pass; a 236 KB PNG declaring 9000 x 9000 (81 MP, 1.7 GB to tile) does not. Pillow warns at 89.
 DEFAULT_MAX_PIXELS = 50_000_000
-
-#: Options that plan a batch as a whole, which an extraction cannot honour: it plans every image
-#: on its own, in the readers. :func:`list_inputs` refuses them; the command does not offer them.
-PER_BATCH_OPTIONS = ("tile_budget",)
 
 #: Testing aid: seconds to sleep after every batch, so that a test can kill a run mid-way.
 _DELAY_ENV = "DYNAMIC_S2_EXTRACT_DELAY"
@@ -301,14 +295,12 @@ def list_inputs(inputs: Any, options: S2Options) -> list[Path]:
     """The images to extract (:func:`find_images`), and the options an extraction can honour.
 
     Images are planned one at a time in the readers, so ``tile_budget`` (a whole batch's budget)
-    cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image.
-    """
-    for name in PER_BATCH_OPTIONS:
-        if getattr(options, name) is not None:
-            raise ValueError(
-                f"{name}={getattr(options, name)!r} plans a batch as a whole, but extraction "
-                "plans every image on its own: use max_tiles (per image) or max_upscale instead"
-            )
+    cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image."""
+    for name, value in ((n, getattr(options, n)) for n in BATCH_OPTIONS if getattr(options, n)):
+        raise ValueError(
+            f"{name}={value!r} plans a batch as a whole, but extraction plans every image on its "
+            "own: use max_tiles (per image) or max_upscale instead"
+        )
     paths = find_images(inputs)
     if not paths:
         raise ValueError(f"inputs: no image files found in {inputs!r}")
@@ -396,11 +388,8 @@ class _Counts:
 
 def _record_failure(out: Path, rank: int | None, item: _Failed, counts: _Counts) -> None:
     counts.failed += 1
-    warnings.warn(
-        _checks.printable(f"skipping {item.job.path}: {item.error}: {item.message}"),
-        ExtractWarning,
-        stacklevel=3,
-    )
+    text = f"skipping {item.job.path}: {item.error}: {item.message}"
+    warnings.warn(_checks.printable(text), ExtractWarning, stacklevel=3)
     store.append_error(out, rank, item.job.path, item.error, item.message)
 
 
@@ -512,10 +501,8 @@ def extract(
         shard_size: most images per shard (a shard is also closed at 1 GiB).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
-        max_pixels: the most pixels (``h * w``, from the file's header, before decoding) of an
-            image; larger images are listed in ``errors.jsonl`` instead. Default
-            :data:`DEFAULT_MAX_PIXELS` (50 megapixels); ``None``: no cap beyond Pillow's own
-            decompression-bomb guard.
+        max_pixels: the most pixels (``h * w``, read from the header) of an image, else it is
+            listed in ``errors.jsonl``: :data:`DEFAULT_MAX_PIXELS`, ``None`` for Pillow's guard.
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...), as in :func:`dynamic_s2.forward`. The fields that change the

@@ -33,10 +33,21 @@ from .encode import check_chunking
 from .merge import RESAMPLE_MODES
 from .plan import FITS, POLICIES, Fit, Policy, TilePlan, check_scales, check_settings, plan_tiles
 
-__all__ = ["STAGES", "S2Options", "default_scales", "make_options", "stage_fields"]
+__all__ = [
+    "BATCH_OPTIONS",
+    "STAGES",
+    "S2Options",
+    "default_scales",
+    "make_options",
+    "stage_fields",
+]
 
 #: The pipeline stages, in order; every option belongs to one.
 STAGES = ("plan", "tile", "encode", "merge")
+
+#: Options that plan a batch as a whole: front ends that plan every image on its own (extraction)
+#: refuse them, and the ``dynamic-s2 extract`` command does not offer them.
+BATCH_OPTIONS = ("tile_budget",)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
