@@ -34,6 +34,7 @@ __all__ = [
     "optional",
     "positive_int",
     "positive_number",
+    "printable",
     "stats",
 ]
 
@@ -58,6 +59,24 @@ def is_sequence(value: object) -> bool:
         (True, False)
     """
     return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def printable(text: object, keep: str = "") -> str:
+    r"""``str(text)`` safe to show on a terminal: every non-printable character (escape sequences,
+    carriage returns, bidi controls) written as its Python escape, but those in ``keep``.
+
+    File names come from anyone: echoed raw, one could rewrite the terminal or forge lines.
+
+    Examples:
+        >>> printable("a\x1b[31mred.png")
+        'a\\x1b[31mred.png'
+        >>> printable("two\nlines", keep="\n")
+        'two\nlines'
+    """
+    return "".join(
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
 
 
 def _int_at_least(name: str, value: Any, minimum: int, what: str) -> int:

@@ -50,8 +50,11 @@ def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _add_option_flags(p: argparse.ArgumentParser, *stages: str) -> None:
-    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``.
+def _add_option_flags(
+    p: argparse.ArgumentParser, *stages: str, without: tuple[str, ...] = ()
+) -> None:
+    """One flag per :class:`~dynamic_s2.options.S2Options` field of ``stages``, but those named in
+    ``without`` (options the command cannot honour: they are not offered).
 
     Each flag's default is the field's default, so the parsed namespace holds every option.
     """
@@ -59,6 +62,9 @@ def _add_option_flags(p: argparse.ArgumentParser, *stages: str) -> None:
     for f in dataclasses.fields(options.S2Options):
         meta = f.metadata
         if meta["stage"] not in stages:
+            continue
+        if f.name in without:  # not offered, but the namespace still holds every option
+            p.set_defaults(**{f.name: f.default})
             continue
         flag = "--" + f.name.replace("_", "-")
         default_text = "" if f.default is None or f.default is False else f" (default {f.default})"

@@ -35,9 +35,12 @@ def _nvila_candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]
     return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
 
 
-def check_nvila_settings(sc: tuple[int, ...], caps: tuple[int, ...] | int | None) -> None:
-    """``ValueError`` unless scales and ``max_tiles`` fit NVILA's rule: scales multiples of the
-    first, ``max_tiles`` one int (NVILA's ``max_num``) of at least ``(scales[-1] // scales[0])²``.
+def check_nvila_settings(
+    sc: tuple[int, ...], caps: tuple[int, ...] | int | None, tile: int | None = None
+) -> None:
+    """``ValueError`` unless scales, ``max_tiles`` and the tile fit NVILA's rule: scales multiples
+    of the first, ``max_tiles`` one int (NVILA's ``max_num``) of at least
+    ``(scales[-1] // scales[0])²``, tiles of the first scale.
 
     Examples:
         >>> check_nvila_settings((448, 896, 1344), 12)
@@ -47,6 +50,11 @@ def check_nvila_settings(sc: tuple[int, ...], caps: tuple[int, ...] | int | None
         ValueError: max_tiles=8 is below the 9 tiles policy='nvila' needs at scale 1344 ...
     """
     base = sc[0]
+    if tile is not None and tile != base:
+        raise ValueError(
+            f"tile_size must equal the first scale {base} under policy='nvila' (NVILA tiles at "
+            f"its first scale), got {tile!r}"
+        )
     if any(s % base for s in sc):
         raise ValueError(
             f"policy='nvila' needs every scale to be a multiple of the first, got {sc!r}"

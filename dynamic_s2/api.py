@@ -8,6 +8,7 @@ and in :class:`~dynamic_s2.options.S2Options`, then calls the stages' unchecked 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -298,7 +299,8 @@ def _run(
         if sharing is not None:
             rows = _rows(sharing[1][a:b], counts[a:b])
             features = features.index_select(0, rows.to(features.device))
-        return _merge(features, part, out_index, opts.resample, opts.num_prefix_tokens, opts.pack)
+        prefix = _prefix_tokens(features, opts.num_prefix_tokens)
+        return _merge(features, part, out_index, opts.resample, prefix, opts.pack)
 
     if chunk is None:  # everything in one backbone call
         return combine(_encode(backbone, distinct(0, len(plans)), None, multiple), 0, len(plans))
@@ -312,6 +314,27 @@ def _rows(local: Sequence[np.ndarray], sizes: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(
         np.concatenate([o + idx for o, idx in zip(offsets, local, strict=True)])
     )
+
+
+def _prefix_tokens(features: torch.Tensor, declared: int | None) -> int | None:
+    """The prefix count of the backbone's tokens: ``declared``, or the one unambiguous reading of
+    ``N`` tokens, ``N - ⌊√N⌋²`` when that is at most one grid row (CLS and registers).
+
+    Anything else (15 tokens: 6 prefix + 3 × 3? 3 tokens: 2 + 1 × 1?) is not guessed: the
+    ``ValueError`` asks for ``num_prefix_tokens``.
+    """
+    if declared is not None or features.dim() != 3:
+        return declared
+    n = features.shape[1]
+    side = math.isqrt(n)
+    if n - side * side > side:
+        raise ValueError(
+            f"num_prefix_tokens: the backbone returned {n} tokens per tile, which is no square "
+            f"grid plus at most a grid row of prefix tokens (read as {n - side * side} + "
+            f"{side}x{side}, that would be a guess): pass num_prefix_tokens= (its CLS and "
+            "register count), got None"
+        )
+    return n - side * side
 
 
 def forward(

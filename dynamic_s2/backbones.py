@@ -28,7 +28,14 @@ from torch import nn
 from . import _checks
 from ._optional import require
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "as_backbone", "load_backbone"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "as_backbone",
+    "input_channels",
+    "load_backbone",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +88,20 @@ class Backbone:
     name: str = "callable"
     bind: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] | None = None
     maps: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(
+                f"fn must be callable (tiles [n, C, t, t] -> tokens or maps), got {self.fn!r} "
+                f"({type(self.fn).__name__})"
+            )
+        _checks.optional(_checks.positive_int, "input_size", self.input_size)
+        _checks.optional(_checks.non_negative_int, "num_prefix_tokens", self.num_prefix_tokens)
+        _checks.stats("mean", self.mean)
+        _checks.stats("std", self.std)
+        if self.bind is not None and not callable(self.bind):
+            raise TypeError(f"bind must be callable or None, got {self.bind!r}")
+        _checks.boolean("maps", self.maps)
 
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.fn(tiles)
@@ -292,6 +313,45 @@ def _torchvision_trunk(model: nn.Module) -> nn.Module:
     )
 
 
+#: Layers that keep the shape of their input: they say nothing about what a stack returns.
+_SHAPE_KEEPING = (
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.BatchNorm2d, nn.GroupNorm, nn.ReLU, nn.ReLU6,
+    nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+)  # fmt: skip
+
+
+def _is_map_stack(module: Any) -> bool:
+    """A plain convolution, pooling or ``nn.Sequential`` of them: returns ``[n, C', h, w]`` maps
+    (known from its layers, without a call)."""
+    if isinstance(module, nn.Sequential):
+        layers = [m for m in module if not isinstance(m, _SHAPE_KEEPING)]
+        return bool(layers) and all(_is_map_stack(m) for m in layers)
+    return isinstance(module, nn.Conv2d | nn.AvgPool2d | nn.MaxPool2d)
+
+
+def input_channels(backbone: Backbone) -> int | None:
+    """The channels the backbone takes, when it declares them: an HF ``config.num_channels``, the
+    first convolution of a timm patch embedding, a convolution or a ``Sequential`` that opens
+    with one; else ``None``.
+
+    Examples:
+        >>> input_channels(as_backbone(torch.nn.Conv2d(3, 8, 8, stride=8)))
+        3
+        >>> input_channels(Backbone(lambda x: x)) is None
+        True
+    """
+    channels: Any = getattr(getattr(backbone.module, "config", None), "num_channels", None)
+    if _checks.is_int(channels):
+        return int(channels)
+    proj = getattr(getattr(backbone.module, "patch_embed", None), "proj", None)
+    for first in (proj, backbone.fn, backbone.module):
+        while isinstance(first, nn.Sequential) and len(first) > 0:
+            first = first[0]
+        if isinstance(first, nn.Conv2d):
+            return int(first.in_channels)
+    return None
+
+
 def as_backbone(
     model: Any,
     *,
@@ -360,7 +420,7 @@ def as_backbone(
     else:
         module = model if isinstance(model, nn.Module) else None
         size = _int_size(getattr(model, "input_size", None))
-        backbone = Backbone(model, input_size=size, module=module)
+        backbone = Backbone(model, input_size=size, module=module, maps=_is_map_stack(model))
     if (
         feature_layer is not None
         and not isinstance(model, Backbone)

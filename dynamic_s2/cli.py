@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import options
+from ._checks import printable
 from ._cli_args import (
     _add_option_flags,
     _non_negative_int,
@@ -25,7 +26,10 @@ from ._cli_args import (
     _UsageError,
 )
 from ._optional import require
+from .extract import DEFAULT_MAX_PIXELS
 from .plan import TilePlan
+
+NL = "\n"  # the one control character an error message may show
 
 __all__ = ["main"]
 
@@ -135,7 +139,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.json:
             results.append({"image": spec, "plan": plan.to_dict()})
         else:
-            print(format_plan(plan, name=spec, tokens_per_side=args.tokens_per_side))
+            print(format_plan(plan, name=printable(spec), tokens_per_side=args.tokens_per_side))
             print()
     if args.json:
         print(json.dumps(results, indent=2))
@@ -163,8 +167,8 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         raise _UsageError(f"IMAGE: cannot read {args.image!r}: {exc}") from exc
     (plan,) = _make_plans([(int(image.shape[1]), int(image.shape[2]))], opts)
     draw_plan(image, plan, args.output)
-    print(format_plan(plan, name=args.image))
-    print(f"wrote {args.output}")
+    print(format_plan(plan, name=printable(args.image)))
+    print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
 
@@ -188,7 +192,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels or None,
             options=_options(args),
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -331,7 +335,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         plan = TilePlan.from_dict(entry["plan"])
         image = read_image(src)
         print()
-        print(format_plan(plan, name=src.name, tokens_per_side=7))
+        print(format_plan(plan, name=printable(src.name), tokens_per_side=7))
         draw_plan(image, plan, plans_dir / f"{stem}.png")
         features = load_features(features_dir, entry).float()
         draw_features(
@@ -416,7 +420,7 @@ def _add_extract_command(sub: Any) -> None:
         metavar="NAME",
         help="efficientnet-lite0 (default, offline ImageNet weights), hf:NAME_OR_PATH or timm:NAME",
     )
-    _add_option_flags(p, *options.STAGES)
+    _add_option_flags(p, *options.STAGES, without=options.BATCH_OPTIONS)
     p.add_argument(
         "--batch-images", type=_positive_int, default=8, metavar="N", help="images per batch (8)"
     )
@@ -448,11 +452,12 @@ def _add_extract_command(sub: Any) -> None:
     )
     p.add_argument(
         "--max-pixels",
-        type=_positive_int,
-        default=None,
+        type=_non_negative_int,
+        default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help="list images of more than N pixels (read from the header, before decoding) in "
-        "DIR/errors.jsonl instead of extracting them (default: no cap but Pillow's own)",
+        f"DIR/errors.jsonl instead of extracting them (default {DEFAULT_MAX_PIXELS}; 0: no cap "
+        "but Pillow's own)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_options(p)
@@ -532,12 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.func(args)
     except _UsageError as exc:
-        parser.exit(EXIT_USAGE, f"{parser.prog} {args.command}: error: {exc}\n")
+        parser.exit(EXIT_USAGE, f"{parser.prog} {args.command}: error: {printable(exc, keep=NL)}\n")
     except ImportError as exc:
-        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: {printable(exc, keep=NL)}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # e.g. a read-only output folder, a full disk, a missing model
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {printable(exc, keep=NL)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -125,6 +125,24 @@ def encode_tiles(
     return _encode(backbone, tiles, chunk, multiple)
 
 
+def _call(backbone: Backbone, tiles: torch.Tensor) -> object:
+    """``backbone(tiles)``; a failure on tiles of another side than the backbone declares is
+    reported as the tile size it is (the backbone's own message is chained)."""
+    try:
+        return backbone(tiles)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        size, side = backbone.input_size, tiles.shape[-1]
+        if size is None or side == size:
+            raise
+        raise ValueError(
+            f"tile_size: the backbone ({backbone.name}) failed on {side}-px tiles and declares "
+            f"an input size of {size} px: use tile_size={size} (or scales from {size}), or a "
+            f"backbone that takes {side}-px tiles. The backbone said: {exc}"
+        ) from exc
+
+
 def _encode(
     backbone: Backbone, tiles: torch.Tensor, chunk: int | None, multiple: int | None
 ) -> torch.Tensor:
@@ -142,7 +160,7 @@ def _encode(
         if multiple is not None and n % multiple:
             blank = part.new_zeros((multiple - n % multiple, *part.shape[1:]))
             part = torch.cat([part, blank])
-        result = _check_output(backbone(part), part.shape[0], tuple(part.shape))[:n]
+        result = _check_output(_call(backbone, part), part.shape[0], tuple(part.shape))[:n]
         if chunk >= total:
             return result
         if result.requires_grad:

@@ -36,13 +36,14 @@ from ._images import find_images, read_image
 from ._optional import require
 from .api import prepare, run
 from .backbones import Backbone, as_backbone, load_backbone
-from .options import S2Options, default_scales, make_options
+from .options import BATCH_OPTIONS, S2Options, default_scales, make_options
 from .plan import TilePlan
 from .store import CONFIG as CONFIG
 from .store import ERRORS, MANIFEST, load_features, read_manifest
 from .tiling import TileBatch, collate
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "EXIT_SOME_FAILED",
     "IMAGE_SUFFIXES",
     "ExtractResult",
@@ -55,6 +56,10 @@ __all__ = [
 
 #: Exit status of ``dynamic-s2 extract`` when some images could not be read.
 EXIT_SOME_FAILED = 3
+
+#: Default ``max_pixels`` (also of ``extract_ray`` and the command): 45-MP photos and 8K frames
+#: pass; a 236 KB PNG declaring 9000 x 9000 (81 MP, 1.7 GB to tile) does not. Pillow warns at 89.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 #: Testing aid: seconds to sleep after every batch, so that a test can kill a run mid-way.
 _DELAY_ENV = "DYNAMIC_S2_EXTRACT_DELAY"
@@ -290,12 +295,11 @@ def list_inputs(inputs: Any, options: S2Options) -> list[Path]:
     """The images to extract (:func:`find_images`), and the options an extraction can honour.
 
     Images are planned one at a time in the readers, so ``tile_budget`` (a whole batch's budget)
-    cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image.
-    """
-    if options.tile_budget is not None:
+    cannot apply: it raises rather than being ignored; ``max_tiles`` caps each image."""
+    for name, value in ((n, getattr(options, n)) for n in BATCH_OPTIONS if getattr(options, n)):
         raise ValueError(
-            f"tile_budget={options.tile_budget!r} plans a batch as a whole, but extraction plans "
-            "every image on its own: use max_tiles (per image) or max_upscale instead"
+            f"{name}={value!r} plans a batch as a whole, but extraction plans every image on its "
+            "own: use max_tiles (per image) or max_upscale instead"
         )
     paths = find_images(inputs)
     if not paths:
@@ -384,9 +388,8 @@ class _Counts:
 
 def _record_failure(out: Path, rank: int | None, item: _Failed, counts: _Counts) -> None:
     counts.failed += 1
-    warnings.warn(
-        f"skipping {item.job.path}: {item.error}: {item.message}", ExtractWarning, stacklevel=3
-    )
+    text = f"skipping {item.job.path}: {item.error}: {item.message}"
+    warnings.warn(_checks.printable(text), ExtractWarning, stacklevel=3)
     store.append_error(out, rank, item.job.path, item.error, item.message)
 
 
@@ -474,7 +477,7 @@ def extract(
     shard_size: int = 100,
     overwrite: bool = False,
     progress: bool = True,
-    max_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     options: S2Options | None = None,
     **kwargs: Any,
 ) -> ExtractResult:
@@ -498,9 +501,8 @@ def extract(
         shard_size: most images per shard (a shard is also closed at 1 GiB).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show a tqdm progress bar.
-        max_pixels: the most pixels (``h * w``, from the file's header, before decoding) of an
-            image; larger images are listed in ``errors.jsonl`` instead (``None``: no cap beyond
-            Pillow's own decompression-bomb guard).
+        max_pixels: the most pixels (``h * w``, read from the header) of an image, else it is
+            listed in ``errors.jsonl``: :data:`DEFAULT_MAX_PIXELS`, ``None`` for Pillow's guard.
         options: an :class:`~dynamic_s2.options.S2Options` (``kwargs`` override its fields).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...), as in :func:`dynamic_s2.forward`. The fields that change the

@@ -526,5 +526,10 @@ def merge_and_pack(
         got = getattr(tile_features, "shape", type(tile_features).__name__)
         raise ValueError(f"tile_features must be a tensor of {total} tiles (the plans'), got {got}")
     _, maps = split_prefix(tile_features, 0)
+    if maps.shape[1] != maps.shape[2]:
+        raise ValueError(
+            f"tile_features must hold square [T, C, h, h] maps or a square number of tokens "
+            f"(square tiles give square maps), got shape {tuple(tile_features.shape)}"
+        )
     tokens, sizes = pack_maps(maps, plan_list, -1, _checks.positive_int("factor", factor), out=out)
     return tokens, cu_seqlens(sizes, tokens.device)

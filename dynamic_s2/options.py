@@ -27,16 +27,27 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _checks
-from .backbones import Backbone, check_feature_layer
+from .backbones import Backbone, check_feature_layer, input_channels
 from .budget import plan_batch
 from .encode import check_chunking
 from .merge import RESAMPLE_MODES
 from .plan import FITS, POLICIES, Fit, Policy, TilePlan, check_scales, check_settings, plan_tiles
 
-__all__ = ["STAGES", "S2Options", "default_scales", "make_options", "stage_fields"]
+__all__ = [
+    "BATCH_OPTIONS",
+    "STAGES",
+    "S2Options",
+    "default_scales",
+    "make_options",
+    "stage_fields",
+]
 
 #: The pipeline stages, in order; every option belongs to one.
 STAGES = ("plan", "tile", "encode", "merge")
+
+#: Options that plan a batch as a whole: front ends that plan every image on its own (extraction)
+#: refuse them, and the ``dynamic-s2 extract`` command does not offer them.
+BATCH_OPTIONS = ("tile_budget",)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -322,9 +333,8 @@ def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
     """The options that depend on the backbone, checked before any image: ``mean`` and ``std``
     against each other and the model's channels, ``num_prefix_tokens`` against a map backbone."""
     lengths = {len(v) for v in (opts.mean, opts.std) if isinstance(v, tuple)}
-    config = getattr(backbone.module, "config", None)
-    channels = getattr(config, "num_channels", None)
-    if len(lengths) > 1 or (isinstance(channels, int) and lengths and lengths != {channels}):
+    channels = input_channels(backbone)
+    if len(lengths) > 1 or (channels is not None and lengths and lengths != {channels}):
         expected = f"{channels} values each (the model's channels)" if channels else "one length"
         raise ValueError(f"mean and std need {expected}, got mean={opts.mean!r}, std={opts.std!r}")
     if opts.num_prefix_tokens and backbone.maps:

@@ -58,6 +58,7 @@ from .plan import TilePlan
 __all__ = [
     "FORMAT",
     "PARQUET_DIR",
+    "WRITE_OPTIONS",
     "decode_tensor",
     "encode_tensor",
     "error_row",
@@ -71,6 +72,10 @@ __all__ = [
 FORMAT = "dynamic_s2.parquet/1"
 #: The subfolder of the extraction folder that holds the Parquet files.
 PARQUET_DIR = "parquet"
+
+#: How the files are written (``pyarrow.parquet.write_table`` keywords): every data page carries a
+#: CRC-32, which :func:`read_columns` and the reader verify: flipped bytes raise, never read back.
+WRITE_OPTIONS: dict[str, Any] = {"write_page_checksum": True}
 
 
 def schema() -> Any:
@@ -233,5 +238,8 @@ def read_columns(
     """
     pq = require("pyarrow.parquet", "ray")
     for path in files:
-        table = pq.read_table(path, columns=list(columns))
+        try:
+            table = pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+        except OSError as exc:  # a page whose CRC-32 does not match, or an unreadable file
+            raise ValueError(f"out_dir: {os.fspath(path)!r} is damaged: {exc}") from exc
         yield path, {name: table.column(name).to_pylist() for name in columns}

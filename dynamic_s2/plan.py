@@ -43,6 +43,7 @@ __all__ = [
     "ASPECT_AREA_PRICE_UP",
     "ASPECT_TILE_PRICE",
     "MAX_TILES",
+    "MAX_TILE_SIZE",
     "Fit",
     "Policy",
     "ScalePlan",
@@ -80,6 +81,10 @@ ASPECT_DEFAULT_CAP: float = 3.0
 #: :meth:`TilePlan.from_dict` accepts. Blank or huge plans cost memory like real tiles; no use of
 #: multi-scale tiling comes near (NVILA uses 12, three S2 scales 14 in all).
 MAX_TILES = 1 << 16
+
+#: The largest tile side, in pixels, that planning and :meth:`TilePlan.from_dict` accept. One
+#: float32 RGB tile of this side is 768 MiB; backbones take 224 to 1024 px (NVILA 448).
+MAX_TILE_SIZE = 1 << 13
 
 
 def _pair(value: tuple[int, int]) -> tuple[int, int]:
@@ -277,7 +282,7 @@ class TilePlan:
                 f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}"
             )
         image_size = _checks.int_pair("image_size", data["image_size"])
-        tile = _checks.positive_int("tile_size", data["tile_size"])
+        tile = _check_tile_size(data["tile_size"])
         policy = data.get("policy", "aspect")
         fit = data.get("fit", "stretch")
         if policy not in POLICIES:
@@ -322,6 +327,11 @@ class TilePlan:
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
         upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
+        if policy == "nvila" and tile != scales[0].scale:
+            raise ValueError(
+                f"tile_size must equal the first scale {scales[0].scale} in a policy='nvila' "
+                f"plan (NVILA tiles at its first scale), got {tile!r}"
+            )
         if policy == "nvila" and upscale is None:  # max_upscale departs from NVILA's rule
             _check_nvila_rule(scales)
         if policy == "single" and any(sp.grid != (1, 1) for sp in scales):
@@ -351,6 +361,16 @@ def _check_nvila_rule(scales: Sequence[ScalePlan]) -> None:
         )
 
 
+def _check_tile_size(value: Any) -> int:
+    """A tile side: a positive int of at most :data:`MAX_TILE_SIZE` pixels."""
+    tile = _checks.positive_int("tile_size", value)
+    if tile > MAX_TILE_SIZE:
+        raise ValueError(
+            f"tile_size must be at most MAX_TILE_SIZE = {MAX_TILE_SIZE} pixels, got {tile!r}"
+        )
+    return tile
+
+
 def check_settings(
     scales: Any, tile_size: Any, max_tiles: Any, policy: Any, fit: Any
 ) -> tuple[tuple[int, ...], int, tuple[int, ...] | int | None]:
@@ -361,7 +381,7 @@ def check_settings(
         ((448, 896), 448, 6)
     """
     sc = check_scales(scales)
-    t = sc[0] if tile_size is None else _checks.positive_int("tile_size", tile_size)
+    t = _check_tile_size(sc[0] if tile_size is None else tile_size)
     if sc[0] < t:
         raise ValueError(f"every scale must be >= tile_size {t}, got scales {sc!r}")
     if policy not in POLICIES:
@@ -370,7 +390,7 @@ def check_settings(
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     caps = _checks.max_tiles(max_tiles, len(sc), MAX_TILES)
     if policy == "nvila":
-        check_nvila_settings(sc, caps)
+        check_nvila_settings(sc, caps, t)
     return sc, t, caps
 
 

@@ -43,7 +43,14 @@ from ._images import read_image
 from ._optional import require
 from .api import prepare, run
 from .backbones import as_backbone, load_backbone
-from .extract import ExtractResult, _dtype_name, _resolve_dtype, check_out_dir, list_inputs
+from .extract import (
+    DEFAULT_MAX_PIXELS,
+    ExtractResult,
+    _dtype_name,
+    _resolve_dtype,
+    check_out_dir,
+    list_inputs,
+)
 from .options import S2Options, make_options
 from .plan import TilePlan
 from .tiling import TileBatch
@@ -289,7 +296,9 @@ def _run_job(
                 max_restarts=retries,
                 max_task_retries=retries,
             )
-            ds.write_parquet(os.fspath(folder), row_group_size=batch_images)
+            ds.write_parquet(
+                os.fspath(folder), row_group_size=batch_images, **parquet.WRITE_OPTIONS
+            )
     finally:
         context.enable_progress_bars = bars
 
@@ -324,7 +333,7 @@ def extract_ray(
     address: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    max_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     **kwargs: Any,
 ) -> RayExtractResult:
     """Extract multi-scale features of every image under ``inputs`` on Ray Data, into Parquet.
@@ -350,7 +359,7 @@ def extract_ray(
         address: the Ray cluster to join when Ray is not initialised (``"auto"``, ``"ray://..."``).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
         progress: show Ray Data's progress bars.
-        max_pixels: as in :func:`dynamic_s2.extract.extract`.
+        max_pixels: as in :func:`dynamic_s2.extract.extract` (default 50 megapixels).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...).
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import parquet, store
+from . import _checks, parquet, store
 from ._optional import require
 from .plan import TilePlan
 
@@ -71,15 +71,24 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
 
     Items vary in size: use ``DataLoader(data, collate_fn=list)`` (or your own collate).
 
+    What is checked, and when: a safetensors shard is checked against the size and SHA-256 its
+    manifest lines record, once per shard and process, when its first item is read (the whole
+    shard is read and hashed once); a Parquet page against the CRC-32 written with it
+    (:data:`~dynamic_s2.parquet.WRITE_OPTIONS`), on every read of its row group (files written
+    without page checksums are not checked). A mismatch raises ``ValueError`` naming the file;
+    nothing is deleted. ``verify=False`` skips both checks.
+
     Args:
         out_dir: an extraction folder (safetensors or Parquet), or its ``parquet`` subfolder.
+        verify: check every shard and page before its features are returned.
 
     Attributes:
         format: ``"safetensors"`` or ``"parquet"``.
         keys: the image paths, in item order (sorted).
 
     Raises:
-        ValueError: ``out_dir`` holds no extraction.
+        ValueError: ``out_dir`` holds no extraction, is a file, or (on reading an item) a shard
+            or page does not match its checksum.
 
     Examples:
         >>> import tempfile
@@ -89,10 +98,17 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
         ValueError: out_dir must be an extraction folder (manifest.jsonl or parquet/*.parquet), ...
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], *, verify: bool = True) -> None:
         if not isinstance(out_dir, (str, os.PathLike)):
             raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(
+                "out_dir must be an extraction folder (manifest.jsonl or parquet/*.parquet), "
+                f"got the file {os.fspath(out_dir)!r}"
+            )
+        self.verify = _checks.boolean("verify", verify)
+        self._verified: set[str] = set()  # shards checked in this process
         files = parquet.parquet_files(self.out_dir / parquet.PARQUET_DIR) or parquet.parquet_files(
             self.out_dir
         )
@@ -118,6 +134,7 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}  # open files stay in their process (DataLoader workers reopen)
+        state["_verified"] = set()
         return state
 
     def __len__(self) -> int:
@@ -146,9 +163,18 @@ class FeatureDataset(torch.utils.data.Dataset[FeatureItem]):
         if self.format == "parquet":
             file, row = self._rows[key]
             if file not in self._readers:
-                self._readers[file] = _RowGroups(self._files[file])
+                self._readers[file] = _RowGroups(self._files[file], self.verify)
             return _parquet_item(self._readers[file], row)
         entry = self._entries[key]
+        if self.verify and entry["shard"] not in self._verified:
+            if not store.verify_shard(self.out_dir, entry):
+                raise ValueError(
+                    f"out_dir: shard {entry['shard']!r} of {os.fspath(self.out_dir)!r} does not "
+                    "match the size and SHA-256 its manifest records: it was changed or damaged "
+                    "after it was written; delete it and re-run the extraction to redo its "
+                    "images, or read it anyway with open_features(..., verify=False)"
+                )
+            self._verified.add(entry["shard"])
         prefix = None
         if entry.get("prefix") is not None:
             prefix = store.load_features(self.out_dir, entry, prefix=True)
@@ -177,8 +203,11 @@ def _parquet_index(files: list[Path]) -> dict[str, tuple[int, int]]:
 class _RowGroups:
     """Row access to one Parquet file, a row group at a time (the last one read is kept)."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = require("pyarrow.parquet", "ray").ParquetFile(path)
+    def __init__(self, path: Path, verify: bool = True) -> None:
+        self.path = path
+        self.file = require("pyarrow.parquet", "ray").ParquetFile(
+            path, page_checksum_verification=verify
+        )
         meta = self.file.metadata
         self.starts = [0]
         for g in range(meta.num_row_groups):
@@ -188,7 +217,14 @@ class _RowGroups:
     def row(self, index: int) -> dict[str, Any]:
         g = bisect.bisect_right(self.starts, index) - 1
         if self._kept[0] != g:
-            self._kept = (g, self.file.read_row_group(g))
+            try:
+                self._kept = (g, self.file.read_row_group(g))
+            except OSError as exc:  # a page whose CRC-32 does not match
+                raise ValueError(
+                    f"out_dir: {os.fspath(self.path)!r} is damaged (row group {g}): {exc}; "
+                    "re-extract its images, or read it anyway with open_features(..., "
+                    "verify=False)"
+                ) from exc
         rows: list[dict[str, Any]] = self._kept[1].slice(index - self.starts[g], 1).to_pylist()
         return rows[0]
 
@@ -207,8 +243,11 @@ def _parquet_item(reader: _RowGroups, index: int) -> FeatureItem:
     )
 
 
-def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
+def open_features(out_dir: str | os.PathLike[str], *, verify: bool = True) -> FeatureDataset:
     """Open an extraction folder (safetensors or Parquet) as a :class:`FeatureDataset`.
+
+    ``verify`` (default) checks every shard's SHA-256 and every Parquet page's CRC-32 before
+    their features are returned (see :class:`FeatureDataset`).
 
     Examples:
         >>> import tempfile
@@ -217,4 +256,4 @@ def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
             ...
         ValueError: out_dir must be an extraction folder ...
     """
-    return FeatureDataset(out_dir)
+    return FeatureDataset(out_dir, verify=verify)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._checks import printable
 from ._folder import (
     LOCK,
     FolderBusyError,
@@ -76,6 +77,7 @@ from ._shards import (
     _errors_path,
     _manifest_path,
 )
+from .parquet import PARQUET_DIR, parquet_files
 
 if TYPE_CHECKING:
     from .reader import FeatureDataset
@@ -139,7 +141,9 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def _skip_line(path: Path, number: int, why: str) -> None:
     warnings.warn(
-        f"{os.fspath(path)}: line {number} skipped ({why})", ManifestWarning, stacklevel=3
+        printable(f"{os.fspath(path)}: line {number} skipped ({why})"),
+        ManifestWarning,
+        stacklevel=3,
     )
 
 
@@ -300,6 +304,7 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
     old = _read_config(out_dir)
     if old is None:
         return
+    old, config = _effective(old), _effective(config)
     diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in sorted(diff.items()))
@@ -309,10 +314,21 @@ def check_config(out_dir: Path, config: dict[str, Any]) -> None:
         )
 
 
+def _effective(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with an unset ``tile_size`` read as the tile it gives, the first scale (the
+    planner's default), so that a run with defaults taken from the backbone and a run with the
+    same sizes given compare equal, in either order."""
+    scales = config.get("scales")
+    if config.get("tile_size") is None and isinstance(scales, list) and scales:
+        return {**config, "tile_size": scales[0]}
+    return config
+
+
 def _read_config(out_dir: Path) -> dict[str, Any] | None:
     """The settings in ``extract.json``; ``None`` for a folder without results and without them.
 
-    Raises ``ValueError`` when shards exist but ``extract.json`` is missing or unreadable."""
+    Raises ``ValueError`` when shards or Parquet files exist but ``extract.json`` is missing or
+    unreadable."""
     data = None
     try:
         data = read_bytes(out_dir / CONFIG)
@@ -321,11 +337,13 @@ def _read_config(out_dir: Path) -> dict[str, Any] | None:
         old = None
     if isinstance(old, dict):
         return old
-    if not any(_SHARD_RE.match(p.name) for p in out_dir.iterdir()):
+    shards = any(_SHARD_RE.match(p.name) for p in out_dir.iterdir())
+    if not shards and not parquet_files(out_dir / PARQUET_DIR):
         return None
     state = "no" if data is None else "an unreadable"
     raise ValueError(
-        f"out_dir: {os.fspath(out_dir)!r} holds shards but {state} {CONFIG}, so the settings "
+        f"out_dir: {os.fspath(out_dir)!r} holds features (safetensors shards or Parquet files) "
+        f"but {state} {CONFIG}, so the settings "
         "they were extracted with are unknown; pass overwrite=True (--overwrite) to start "
         "afresh, or use another folder"
     )
@@ -512,7 +530,7 @@ def merge_parts(out_dir: Path) -> None:
         fsync_dir(out_dir)
 
 
-def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
+def open_features(out_dir: str | os.PathLike[str], *, verify: bool = True) -> FeatureDataset:
     """Open any extraction folder, safetensors or Parquet, as a torch ``Dataset`` of
     :class:`~dynamic_s2.reader.FeatureItem` (see :class:`~dynamic_s2.reader.FeatureDataset`).
 
@@ -530,4 +548,4 @@ def open_features(out_dir: str | os.PathLike[str]) -> FeatureDataset:
     """
     from .reader import FeatureDataset  # imported here: the reader imports this module
 
-    return FeatureDataset(out_dir)
+    return FeatureDataset(out_dir, verify=verify)

@@ -232,6 +232,26 @@ def collate(batches: Sequence[TileBatch]) -> TileBatch:
     return TileBatch(torch.cat([b.tiles for b in batches]), plans)
 
 
+#: What to do with an image that is not a tensor (a PIL image, a NumPy array, a path).
+_NOT_A_TENSOR = (
+    "; read files with dynamic_s2.extract.read_image(path), convert a PIL image with "
+    "torchvision.transforms.functional.pil_to_tensor(img) and a [H, W, C] array with "
+    "torch.from_numpy(a).permute(2, 0, 1), or use the HF processor "
+    "(dynamic_s2.hf.DynamicS2ImageProcessor), which takes PIL images"
+)
+
+
+def _looks_channels_last(shape: Sequence[int]) -> bool:
+    """``[H, W, C]``: a last dim of 1, 3 or 4 channels behind a first dim too large for channels."""
+    return len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] > 4
+
+
+def _channels_last_hint(shape: Sequence[int]) -> str:
+    if not _looks_channels_last(shape):
+        return ""
+    return "; it looks channels-last [H, W, C]: pass image.permute(2, 0, 1) ([C, H, W])"
+
+
 def _as_image_list(images: object) -> list[torch.Tensor]:
     if isinstance(images, torch.Tensor):
         if images.dim() == 4:
@@ -240,6 +260,7 @@ def _as_image_list(images: object) -> list[torch.Tensor]:
             raise ValueError(
                 f"images: a single tensor must be a [B, C, H, W] batch, got shape "
                 f"{tuple(images.shape)}; wrap one [C, H, W] image in a list"
+                + _channels_last_hint(images.shape)
             )
         raise ValueError(
             f"images must be a [B, C, H, W] tensor or a list of [C, H, W] tensors, got a "
@@ -248,7 +269,7 @@ def _as_image_list(images: object) -> list[torch.Tensor]:
     if not isinstance(images, Sequence) or isinstance(images, str | bytes):
         raise TypeError(
             f"images must be a [B, C, H, W] tensor or a list of [C, H, W] tensors, got "
-            f"{type(images).__name__}"
+            f"{type(images).__name__}" + _NOT_A_TENSOR
         )
     return list(images)
 
@@ -261,10 +282,18 @@ def check_images(images: object) -> list[torch.Tensor]:
     first = items[0]
     for i, img in enumerate(items):
         if not isinstance(img, torch.Tensor):
-            raise TypeError(f"images[{i}] must be a torch.Tensor, got {type(img).__name__}")
+            raise TypeError(
+                f"images[{i}] must be a [C, H, W] torch.Tensor, got {type(img).__name__}"
+                + _NOT_A_TENSOR
+            )
         if img.dim() != 3:
             raise ValueError(
                 f"images[{i}] must be [C, H, W], got shape {tuple(img.shape)} ({img.dim()}-D)"
+            )
+        if _looks_channels_last(img.shape):
+            raise ValueError(
+                f"images[{i}] must be [C, H, W], got shape {tuple(img.shape)}"
+                + _channels_last_hint(img.shape)
             )
         if img.shape[1] == 0 or img.shape[2] == 0 or img.shape[0] == 0:
             raise ValueError(f"images[{i}] is empty: shape {tuple(img.shape)}")

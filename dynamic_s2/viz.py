@@ -93,7 +93,8 @@ def draw_plan(
     Args:
         image: the image the plan was made for: a PIL image, a NumPy array ``[H, W]`` or
             ``[H, W, 3]`` (uint8, or float in ``[0, 1]``) or a torch tensor ``[C, H, W]``.
-            Its size should equal ``plan.image_size``; it is resized per scale either way.
+            Its size must equal ``plan.image_size`` (``ValueError`` otherwise: a plan made
+            for another size would be drawn over the wrong picture).
         plan: the plan to draw, from :func:`dynamic_s2.plan_tiles`.
         path: where to save the picture (format from the suffix, e.g. ``.png``), or ``None``
             to only return the figure.
@@ -119,6 +120,12 @@ def draw_plan(
     patches = require("matplotlib.patches", "demo")
 
     array = _to_uint8_hwc(image)
+    if tuple(array.shape[:2]) != plan.image_size:
+        raise ValueError(
+            f"image is {array.shape[0]}x{array.shape[1]} (HxW) but plan was made for an image of "
+            f"{plan.image_size[0]}x{plan.image_size[1]}: plan the image itself, e.g. "
+            "plan_tiles(h, w, scales)"
+        )
     source = pil_image.fromarray(array)
     widths = [sp.canvas_size[1] for sp in plan.scales]
     heights = [sp.canvas_size[0] for sp in plan.scales]

@@ -156,10 +156,12 @@ def test_output_shape_changing_between_chunks_is_a_value_error() -> None:
 
 
 def test_an_implausible_prefix_guess_warns() -> None:
+    """``merge`` on tile features alone still guesses with a warning; a backbone's output in the
+    chain is never guessed: ``forward`` refuses (issue 20, see test_validation's catalog)."""
     plans = [plan_tiles(32, 32, (32,))]
     with pytest.warns(PrefixGuessWarning, match="15 tokens.*6 prefix tokens.*3x3"):
         merge(torch.rand(1, 15, 4), plans)
-    with pytest.warns(PrefixGuessWarning):
+    with pytest.raises(ValueError, match=r"num_prefix_tokens.*15 tokens.*got None"):
         forward(lambda x: torch.rand(x.shape[0], 15, 4), IMAGES, SCALES)
     import warnings
 

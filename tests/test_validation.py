@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -2013,6 +2016,219 @@ for _cat, _name, _error, _pattern, _call in _ISSUE_11:
     case(_cat, _name, _error, _pattern, _call)
 
 
+# ---- issue 20: checks made at construction, ambiguous splits refused, clear errors -----------
+
+
+def _nvila_plan_with_tile(tile: int) -> Any:
+    """A policy='nvila' plan dict whose tile side is ``tile`` (canvases made consistent)."""
+    data = plan_tiles(40, 60, (32, 64), policy="nvila").to_dict()
+    data["tile_size"] = tile
+    for entry in data["scales"]:
+        entry["content_size"] = [g * tile for g in entry["grid"]]
+    return TilePlan.from_dict(data)
+
+
+def _tokens(count: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.zeros(x.shape[0], count, 4)
+
+
+def _store() -> Any:
+    return importlib.import_module("dynamic_s2.store")
+
+
+def _a_file() -> str:
+    handle, path = tempfile.mkstemp(suffix=".txt")
+    os.close(handle)
+    return path
+
+
+def _parquet_folder_without_config() -> None:
+    """A Parquet extraction folder whose extract.json is gone, asked to resume."""
+    pq = importlib.import_module("pyarrow.parquet")
+    pa = importlib.import_module("pyarrow")
+    from dynamic_s2 import parquet
+
+    out = Path(tempfile.mkdtemp())
+    (out / parquet.PARQUET_DIR).mkdir()
+    table = pa.Table.from_pylist([parquet.error_row("/x.png", 1, 1, 0, "E", "m")], parquet.schema())
+    pq.write_table(table, out / parquet.PARQUET_DIR / "0.parquet")
+    _store().check_config(out, {"scales": [32, 64]})
+
+
+def _draw_other_size() -> object:
+    viz = importlib.import_module("dynamic_s2.viz")
+    return viz.draw_plan(torch.rand(3, 40, 60), plan_tiles(50, 30, SCALES))
+
+
+def _pil() -> object:
+    return importlib.import_module("PIL.Image").new("RGB", (60, 40))
+
+
+_ISSUE_20: list[tuple[str, str, type[Exception], str, Callable[[], object]]] = [
+    ("backbone", "Backbone-fn-None", TypeError, names("fn", "None"), lambda: Backbone(None)),  # type: ignore[arg-type]
+    (
+        "backbone",
+        "Backbone-input-size-0",
+        ValueError,
+        names("input_size", "0"),
+        lambda: Backbone(TOK, input_size=0),
+    ),
+    (
+        "backbone",
+        "Backbone-mean-str",
+        TypeError,
+        names("mean", "'rgb'"),
+        lambda: Backbone(TOK, mean="rgb"),  # type: ignore[arg-type]
+    ),
+    (
+        "from-dict",
+        "tile-size-huge",
+        ValueError,
+        names("tile_size", "1000000000", "MAX_TILE_SIZE"),
+        lambda: TilePlan.from_dict(
+            _dict(
+                tile_size=10**9,
+                scales=[{"scale": 10**9, "grid": [1, 1], "content_size": [10**9, 10**9]}],
+            )
+        ),
+    ),
+    (
+        "from-dict",
+        "nvila-tile-not-first-scale",
+        ValueError,
+        names("tile_size", "16", "nvila"),
+        lambda: _nvila_plan_with_tile(16),
+    ),
+    (
+        "policy",
+        "plan_tiles-nvila-tile-size",
+        ValueError,
+        names("tile_size", "16", "nvila"),
+        lambda: plan_tiles(40, 60, (32, 64), tile_size=16, policy="nvila"),
+    ),
+    (
+        "policy",
+        "S2Options-nvila-tile-size",
+        ValueError,
+        names("tile_size", "16", "nvila"),
+        lambda: dynamic_s2.S2Options(scales=(32, 64), tile_size=16, policy="nvila"),
+    ),
+    (
+        "plan-args",
+        "plan_tiles-tile-size-huge",
+        ValueError,
+        names("tile_size", "100000", "MAX_TILE_SIZE"),
+        lambda: plan_tiles(8, 8, (100_000,)),
+    ),
+    (
+        "mean-std",
+        "DynamicS2-mean-length-conv",
+        ValueError,
+        names("mean", lit((0.5, 0.5)), "3"),
+        lambda: DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=SCALES, mean=(0.5, 0.5)),
+    ),
+    (
+        "prefix",
+        "DynamicS2-prefix-conv",
+        ValueError,
+        names("num_prefix_tokens", "1", "maps"),
+        lambda: DynamicS2(torch.nn.Conv2d(3, 4, 8, stride=8), scales=SCALES, num_prefix_tokens=1),
+    ),
+    (
+        "prefix",
+        "forward-15-tokens",
+        ValueError,
+        names("num_prefix_tokens", "None", "15 tokens"),
+        lambda: forward(_tokens(15), IMAGES, SCALES),
+    ),
+    (
+        "prefix",
+        "forward-3-tokens",
+        ValueError,
+        names("num_prefix_tokens", "None", "3 tokens"),
+        lambda: forward(_tokens(3), IMAGES, SCALES),
+    ),
+    (
+        "plan-mismatch",
+        "draw_plan-other-size",
+        ValueError,
+        names("image", "plan", "40x60", "50x30"),
+        _draw_other_size,
+    ),
+    (
+        "model-output",
+        "forward-tile-size-backbone-cannot-take",
+        ValueError,
+        names("tile_size", "48", "32"),
+        lambda: forward(_hf_vit(), [torch.rand(3, 40, 60)], (48,)),
+    ),
+    (
+        "channels",
+        "forward-channels-last",
+        ValueError,
+        names(r"images\[0\]", r"\(40, 60, 3\)", "permute"),
+        lambda: forward(TOK, [torch.rand(40, 60, 3)], SCALES),
+    ),
+    (
+        "channels",
+        "forward-channels-last-batch",
+        ValueError,
+        names(r"images\[0\]", r"\(40, 60, 3\)", "permute"),
+        lambda: forward(TOK, torch.rand(2, 40, 60, 3), SCALES),
+    ),
+    (
+        "non-tensor",
+        "forward-PIL-item",
+        TypeError,
+        names(r"images\[0\]", "Image", "read_image"),
+        lambda: forward(TOK, [_pil()], SCALES),
+    ),
+    (
+        "non-tensor",
+        "forward-PIL",
+        TypeError,
+        names("images", "Image", "read_image"),
+        lambda: forward(TOK, _pil(), SCALES),  # type: ignore[arg-type]
+    ),
+    (
+        "store",
+        "open_features-a-file",
+        ValueError,
+        names("out_dir", r"\.txt"),
+        lambda: _store().open_features(_a_file()),
+    ),
+    (
+        "store",
+        "open_features-verify-str",
+        TypeError,
+        names("verify", "'yes'"),
+        lambda: _store().open_features(tempfile.mkdtemp(), verify="yes"),  # type: ignore[arg-type]
+    ),
+    (
+        "store",
+        "parquet-folder-without-extract-json",
+        ValueError,
+        names("out_dir", "extract.json", "overwrite"),
+        _parquet_folder_without_config,
+    ),
+]
+if nvila is not None:
+    _ISSUE_20.append(
+        (
+            "tile-features",
+            "merge_and_pack-non-square-maps",
+            ValueError,
+            names("tile_features", r"\(2, 4, 2, 3\)"),
+            lambda: nvila.merge_and_pack(
+                torch.rand(2, 4, 2, 3), [plan_tiles(32, 64, (32,), policy="nvila")]
+            ),
+        )
+    )
+
+for _cat, _name, _error, _pattern, _call in _ISSUE_20:
+    case(_cat, _name, _error, _pattern, _call)
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalog
 # ---------------------------------------------------------------------------------------------
@@ -2042,6 +2258,9 @@ REQUIRED_CATEGORIES = {
     "pad-to-multiple",
     "mean-std",
     "collate",
+    # issue 20
+    "backbone",
+    "store",
 }
 
 
