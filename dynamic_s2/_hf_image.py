@@ -3,11 +3,9 @@
 Re-exported by :mod:`dynamic_s2.hf`, which documents the integration as a whole.
 
 Examples:
-    >>> import torch
-    >>> processor = DynamicS2ImageProcessor(scales=(32, 64), tile_size=32)
-    >>> out = processor([torch.zeros(3, 48, 64, dtype=torch.uint8)])
-    >>> out["pixel_values"].shape, out["num_patches"].tolist(), out["image_sizes"].tolist()
-    (torch.Size([7, 3, 32, 32]), [7], [[48, 64]])
+    >>> p = DynamicS2ImageProcessor(scales=(32, 64), tokens_per_tile=16, pack=2)
+    >>> p.num_image_tokens(p.plan_batch([(48, 64), (64, 64)]))
+    [24, 16]
 """
 
 from __future__ import annotations
