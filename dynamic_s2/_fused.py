@@ -111,7 +111,7 @@ def fill_tokens(
     """Write the packed tokens of ``maps [T, h, w, C]`` (any strides) into ``out`` (contiguous)."""
     c = maps.shape[-1]
     width = out.shape[1] // (factor * factor)  # S·C: one slot
-    scratch = [maps.new_empty(0, dtype=torch.float32)]
+    scratch: dict[str, torch.Tensor] = {}
     tile0 = slot0 = 0
     for scales, out_hw in geometries:
         nh, nw = packed_size(out_hw, factor)

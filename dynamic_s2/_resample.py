@@ -296,14 +296,14 @@ def write_pairs(
     channels: tuple[int, int],
     y_runs: tuple[Run, ...],
     x_runs: tuple[Run, ...],
-    scratch: list[torch.Tensor],
+    scratch: dict[str, torch.Tensor],
 ) -> None:
     """Write every ``(y run, x run)`` pair of one image's scale from ``src`` into ``dst``.
 
     ``dst`` and ``src`` are addressed through their storages (``as_strided`` offsets, elements):
     ``dst_base``/``src_base`` are the image's offsets, ``channels`` the ``(count, src stride)`` of
-    the channel axis (the output's is 1). ``scratch`` holds one float32 buffer, grown on demand,
-    for sums of half precision taps.
+    the channel axis (the output's is 1). ``scratch`` keeps the float32 buffers of half precision
+    sums between calls (see :func:`buffer`).
     """
     c, c_stride = channels
     half = dst.dtype not in (torch.float32, torch.float64)
@@ -321,44 +321,64 @@ def write_pairs(
             ]
             if len(taps) == 1:
                 out.copy_(taps[0][0])
-                continue
-            acc = _scratch_view(scratch, sizes) if half else out
-            _combine(acc, taps, ry.window * rx.window > 0, (ry.window, rx.window))
-            if half:
+            elif half:  # float32 sums, as the reference: no mixed-dtype op (they copy inputs)
+                acc = buffer(scratch, "acc", sizes, out, torch.float32)
+                tmp = buffer(scratch, "tmp", sizes, out, torch.float32)
+                acc.copy_(taps[0][0])
+                if ry.window * rx.window == 0:
+                    acc.mul_(taps[0][1])
+                for view, weight in taps[1:]:
+                    tmp.copy_(view)
+                    _accumulate(acc, tmp, ry.window * rx.window == 0, weight)
+                _finish(acc, (ry.window, rx.window))
                 out.copy_(acc)
+            else:
+                _combine(out, taps, (ry.window, rx.window))
 
 
-def _scratch_view(scratch: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+def buffer(
+    scratch: dict[str, torch.Tensor],
+    name: str,
+    sizes: tuple[int, ...],
+    like: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A contiguous ``sizes`` view of the reused buffer ``scratch[name]``, grown on demand."""
     need = math.prod(sizes)
-    if scratch[0].numel() < need:
-        scratch[0] = scratch[0].new_empty(need)
-    return scratch[0][:need].view(sizes)
+    held = scratch.get(name)
+    if held is None or held.numel() < need or held.dtype != dtype:
+        held = scratch[name] = like.new_empty(need, dtype=dtype)
+    return held[:need].view(sizes)
+
+
+def _accumulate(acc: torch.Tensor, view: torch.Tensor, weighted: bool, weight: float) -> None:
+    if weighted:
+        acc.add_(view, alpha=weight)
+    else:
+        acc.add_(view)
+
+
+def _finish(acc: torch.Tensor, windows: tuple[int, int]) -> None:
+    """Area: divide the sum by the window's sides, as ``F.interpolate`` (``sum / kh / kw``)."""
+    for side in windows:
+        if side > 1:
+            acc.div_(side)
 
 
 def _combine(
-    acc: torch.Tensor, taps: list[tuple[torch.Tensor, float]], area: bool, windows: tuple[int, int]
+    out: torch.Tensor, taps: list[tuple[torch.Tensor, float]], windows: tuple[int, int]
 ) -> None:
-    """``acc`` = the taps' sum in raster order over the window sides (area, the reference's
-    ``sum / kh / kw``) or their weighted sum (bilinear)."""
-    if area:
-        if acc.dtype == taps[0][0].dtype:
-            torch.add(taps[0][0], taps[1][0], out=acc)
-        else:
-            acc.copy_(taps[0][0])
-            acc.add_(taps[1][0])
-        for view, _ in taps[2:]:
-            acc.add_(view)
-        for side in windows:
-            if side > 1:
-                acc.div_(side)
-        return
-    if acc.dtype == taps[0][0].dtype:
-        torch.mul(taps[0][0], taps[0][1], out=acc)
+    """``out`` = the taps' sum in raster order over the window's sides (area) or their weighted
+    sum (bilinear, ``windows`` 0), computed in place in ``out``'s dtype."""
+    weighted = windows[0] * windows[1] == 0
+    if weighted:
+        torch.mul(taps[0][0], taps[0][1], out=out)
     else:
-        acc.copy_(taps[0][0])
-        acc.mul_(taps[0][1])
-    for view, weight in taps[1:]:
-        acc.add_(view, alpha=weight)
+        torch.add(taps[0][0], taps[1][0], out=out)
+    for view, weight in taps[1 if weighted else 2 :]:
+        _accumulate(out, view, weighted, weight)
+    if not weighted:
+        _finish(out, windows)
 
 
 def source_axes(maps: torch.Tensor, tile_ids: np.ndarray) -> tuple[int, Axis, Axis, int] | None:
@@ -427,7 +447,7 @@ def write_image(
     valid: tuple[int, int],
     out_hw: tuple[int, int],
     mode: str,
-    scratch: list[torch.Tensor],
+    scratch: dict[str, torch.Tensor],
 ) -> None:
     """Resample one image's scale (its tiles ``tile_ids`` of ``maps [T, h, w, C]``, cropped to
     ``valid``) to ``out_hw`` and write it at ``dst_base`` of ``dst``'s storage along ``dst_axes``.
@@ -438,7 +458,20 @@ def write_image(
     """
     c = maps.shape[-1]
     found = source_axes(maps, tile_ids)
-    if found is None or not (_regular(valid[0], out_hw[0]) and _regular(valid[1], out_hw[1])):
+    regular = _regular(valid[0], out_hw[0]) and _regular(valid[1], out_hw[1])
+    rows = _token_rows(maps) if found is not None and regular else None
+    if rows is not None:  # channel-major: transpose tile by tile (torch's blocked 2-D copy)
+        blocks = _tile_blocks(tile_ids.shape, maps.shape[1], valid, out_hw, mode, dst_axes)
+        if blocks is not None:
+            _write_tiles(dst, dst_base, dst_axes, maps, tile_ids, rows, blocks, mode, scratch)
+            return
+        tiles = buffer(scratch, "tiles", (tile_ids.size, rows, c), maps, maps.dtype)
+        for i, t in enumerate(tile_ids.ravel()):
+            _transpose_tile(maps, int(t), rows, tiles[i])
+        maps = tiles[:, rows - maps.shape[1] * maps.shape[2] :].unflatten(1, maps.shape[1:3])
+        tile_ids = np.arange(tile_ids.size).reshape(tile_ids.shape)
+        found = source_axes(maps, tile_ids)
+    if found is None or not regular:
         value = gather(maps, tile_ids, valid, out_hw, mode)
         h, w = out_hw
         found = (value.storage_offset(), Axis(h, 0, w * c), Axis(w, 0, c), 1)
@@ -447,3 +480,72 @@ def write_image(
     y_runs = axis_runs(valid[0], out_hw[0], mode, src_y, dst_axes[0])
     x_runs = axis_runs(valid[1], out_hw[1], mode, src_x, dst_axes[1])
     write_pairs(dst, dst_base, maps, base, (c, c_stride), y_runs, x_runs, scratch)
+
+
+def _token_rows(maps: torch.Tensor) -> int | None:
+    """For channel-major maps (HF's ``hidden_states``: a tile's tokens are ``[N, C]`` with strides
+    ``(1, N)``), ``N``: every tile is then one 2-D block that ``Tensor.copy_`` transposes in cache
+    blocks (a strided copy of it is several times slower). ``None`` for other layouts."""
+    _, h, w, c = maps.shape
+    st = maps.stride()
+    if c == 1 or st[3] == 1 or st[2] != 1 or st[1] != w or st[3] < h * w:
+        return None
+    first = maps.storage_offset() - (st[3] - h * w)
+    last = maps.storage_offset() + (maps.shape[0] - 1) * st[0] + h * w - 1 + (c - 1) * st[3]
+    if first < 0 or last >= maps.untyped_storage().nbytes() // maps.element_size():
+        return None
+    return st[3]
+
+
+def _transpose_tile(maps: torch.Tensor, t: int, rows: int, out: torch.Tensor) -> None:
+    """``out [rows, C]`` (contiguous) = tile ``t``'s ``[rows, C]`` token block, its cells last."""
+    _, h, w, c = maps.shape
+    offset = maps.storage_offset() + t * maps.stride(0) - (rows - h * w)
+    out.copy_(maps.as_strided((rows, c), (1, rows), offset))
+
+
+def _tile_blocks(
+    grid: tuple[int, ...],
+    side: int,
+    valid: tuple[int, int],
+    out_hw: tuple[int, int],
+    mode: str,
+    dst_axes: tuple[Axis, Axis],
+) -> tuple[int, int] | None:
+    """The ``(h, w)`` of the output block of one tile, when every tile's area windows stay inside
+    it and its block starts on a whole ``k × k`` token; else ``None``."""
+    if mode != "area" or valid != (grid[0] * side, grid[1] * side):
+        return None
+    if (out_hw[0] * side) % valid[0] or (out_hw[1] * side) % valid[1]:
+        return None
+    bh, bw = out_hw[0] * side // valid[0], out_hw[1] * side // valid[1]
+    if bh % dst_axes[0].block or bw % dst_axes[1].block:
+        return None
+    return bh, bw
+
+
+def _write_tiles(
+    dst: torch.Tensor,
+    dst_base: int,
+    dst_axes: tuple[Axis, Axis],
+    maps: torch.Tensor,
+    tile_ids: np.ndarray,
+    rows: int,
+    blocks: tuple[int, int],
+    mode: str,
+    scratch: dict[str, torch.Tensor],
+) -> None:
+    """Channel-major tiles one at a time: transposed into a reused buffer that stays in cache,
+    then written to their output block."""
+    side, c = maps.shape[1], maps.shape[-1]
+    tile = buffer(scratch, "tile", (rows, c), maps, maps.dtype)
+    lead = rows - side * side
+    tile_axes = (Axis(side, 0, side * c), Axis(side, 0, c))
+    y_runs = axis_runs(side, blocks[0], mode, tile_axes[0], dst_axes[0])
+    x_runs = axis_runs(side, blocks[1], mode, tile_axes[1], dst_axes[1])
+    for (r, q), t in np.ndenumerate(tile_ids):
+        _transpose_tile(maps, int(t), rows, tile)
+        at = dst_base + int(dst_axes[0].offsets(np.array(r * blocks[0])))
+        at += int(dst_axes[1].offsets(np.array(q * blocks[1])))
+        src_base = tile.storage_offset() + lead * c
+        write_pairs(dst, at, tile, src_base, (c, 1), y_runs, x_runs, scratch)

@@ -194,7 +194,7 @@ def _write_packed(
     width = len(maps) * channels
     total = sum(h * w for h, w in out_sizes)
     out = maps[0].new_empty((total, width))
-    scratch = [maps[0].new_empty(0, dtype=torch.float32)]
+    scratch: dict[str, torch.Tensor] = {}
     row = 0
     for b, (oh, ow) in enumerate(out_sizes):
         axes = (Axis(1, ow * width, ow * width), Axis(1, width, width))
