@@ -119,7 +119,7 @@ def fill_tokens(
         axes = (Axis(factor, nw * factor * slot, slot), Axis(factor, factor * slot, width))
         for s, (rows, cols, vh, vw) in enumerate(scales):
             ids = tile0 + np.arange(rows * cols).reshape(rows, cols)
-            base = out.storage_offset() + slot0 * width + s * c
+            base = int(out.storage_offset()) + slot0 * width + s * c
             write_image(out, base, axes, maps, ids, (vh, vw), out_hw, mode, scratch)
             tile0 += rows * cols
         slot0 += nh * nw * factor * factor

@@ -393,7 +393,7 @@ def source_axes(maps: torch.Tensor, tile_ids: np.ndarray) -> tuple[int, Axis, Ax
     if not np.array_equal(grid, tile_ids):
         return None
     st = maps.stride()
-    base = maps.storage_offset() + first * st[0]
+    base = int(maps.storage_offset()) + first * st[0]
     return base, Axis(maps.shape[1], a * st[0], st[1]), Axis(maps.shape[2], b * st[0], st[2]), st[3]
 
 
@@ -474,7 +474,7 @@ def write_image(
     if found is None or not regular:
         value = gather(maps, tile_ids, valid, out_hw, mode)
         h, w = out_hw
-        found = (value.storage_offset(), Axis(h, 0, w * c), Axis(w, 0, c), 1)
+        found = (int(value.storage_offset()), Axis(h, 0, w * c), Axis(w, 0, c), 1)
         maps, valid = value, out_hw
     base, src_y, src_x, c_stride = found
     y_runs = axis_runs(valid[0], out_hw[0], mode, src_y, dst_axes[0])
@@ -547,5 +547,5 @@ def _write_tiles(
         _transpose_tile(maps, int(t), rows, tile)
         at = dst_base + int(dst_axes[0].offsets(np.array(r * blocks[0])))
         at += int(dst_axes[1].offsets(np.array(q * blocks[1])))
-        src_base = tile.storage_offset() + lead * c
+        src_base = int(tile.storage_offset()) + lead * c
         write_pairs(dst, at, tile, src_base, (c, 1), y_runs, x_runs, scratch)

@@ -200,7 +200,7 @@ def _write_packed(
         axes = (Axis(1, ow * width, ow * width), Axis(1, width, width))
         for s, fmap in enumerate(maps):
             layout = layouts[b][s]
-            base = out.storage_offset() + row * width + s * channels
+            base = int(out.storage_offset()) + row * width + s * channels
             write_image(
                 out, base, axes, fmap, layout.tile_ids, layout.valid, (oh, ow), resample, scratch
             )
