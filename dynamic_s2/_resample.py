@@ -46,6 +46,9 @@ __all__ = [
 #: an axis with a longer one (a size that shares no large factor with its output, e.g. a cropped
 #: ``fit="pad"`` map) is gathered through index maps instead.
 MAX_PERIOD = 16
+#: Most ``(y run, x run)`` pairs written straight from the tiles; past it the tiles of the scale are
+#: stitched into one reused buffer first (one copy), which joins the runs that tile edges cut.
+MAX_PAIRS = 8
 
 
 @lru_cache(maxsize=4096)
@@ -479,6 +482,19 @@ def write_image(
     base, src_y, src_x, c_stride = found
     y_runs = axis_runs(valid[0], out_hw[0], mode, src_y, dst_axes[0])
     x_runs = axis_runs(valid[1], out_hw[1], mode, src_x, dst_axes[1])
+    if len(y_runs) * len(x_runs) > MAX_PAIRS and tile_ids.size > 1 and c_stride == 1:
+        # Tile edges that cut the tap pattern (e.g. 96 -> 128 over 32-cell tiles) split the runs
+        # into many small copies: stitch the tiles once, so that runs cross the edges.
+        rows, cols = tile_ids.shape
+        h, w = maps.shape[1], maps.shape[2]
+        grid = (rows, h, cols, w, c)
+        strides = (src_y.block_stride, src_y.cell_stride, src_x.block_stride, src_x.cell_stride, 1)
+        stitched = buffer(scratch, "stitched", grid, maps, maps.dtype)
+        stitched.copy_(maps.as_strided(grid, strides, base))
+        maps, base = stitched, int(stitched.storage_offset())
+        src_y, src_x = Axis(rows * h, 0, cols * w * c), Axis(cols * w, 0, c)
+        y_runs = axis_runs(valid[0], out_hw[0], mode, src_y, dst_axes[0])
+        x_runs = axis_runs(valid[1], out_hw[1], mode, src_x, dst_axes[1])
     write_pairs(dst, dst_base, maps, base, (c, c_stride), y_runs, x_runs, scratch)
 
 
