@@ -4,11 +4,12 @@ For every image and scale the tile features are stitched into one map and croppe
 region the plan gives; every scale is resampled to the grid of one output scale and the scales are
 concatenated on channels in ascending order.
 
-Stitching, cropping and resampling are fused into gathers: area and bilinear resampling are
-separable linear maps with a few taps per axis, so every output cell is a weighted sum of a few
-source feature rows whose indices are computed on the host from the plans. The result is built
-packed (image after image, raster order) with one gather per (scale, tap count); the padded
-``[B, H, W, C]`` view and its mask are only built when asked for.
+The result is built packed (image after image, raster order) by the merge kernel of
+:mod:`dynamic_s2._resample`: every image's scale is written straight from its tiles into its rows
+and channel slice by strided copies (integer factors as broadcast views, area averages summed in
+the reference's order), with no index map. Under autograd the same taps run as weighted gathers
+whose backward is the adjoint. The padded ``[B, H, W, C]`` view and its mask are only built when
+asked for.
 """
 
 from __future__ import annotations
