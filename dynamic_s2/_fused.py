@@ -6,8 +6,8 @@ of ``k²·S·C`` channels (zero padding at the bottom and right). Cell ``(y, x)`
 is slot ``(y // k, x // k, y % k, x % k)`` of the tokens ``[nh, nw, k, k, S·C]``: an offset that
 is separable in ``y`` and ``x``, so the merge's own kernel
 (:func:`dynamic_s2._resample.write_image`)
-writes every image's scales straight into the tokens by strided copies, reading the tiles through
-their strides (contiguous or HF's channel-major ``hidden_states`` alike); the few padding slots
+writes every image's scales straight into the tokens by strided copies from the tiles (HF's
+channel-major ``hidden_states`` transposed tile by tile first); the few padding slots
 are zeroed at the end. Gradients flow through a custom autograd function whose backward is the
 adjoint gather (``index_add``) over index maps built on the host from the same taps.
 """
