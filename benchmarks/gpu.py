@@ -5,7 +5,10 @@ against its baseline in the same rounds:
 
 1. **features → tokens** at SigLIP-so400m width (6 mixed images, NVILA grids, C = 1152):
    VILA's path (``tokens_speed.vila_tokens``) against ``nvila.merge_and_pack`` fresh and with
-   ``out=`` reused, on contiguous and on HF's channel-major features;
+   ``out=`` reused, on contiguous and on HF's channel-major features; with ``merge(...).pack()``
+   and ``merge(...).features`` (the merge kernel's other two outputs), every path as the fraction
+   of its memory bound (features read + output written at the card's copy bandwidth, measured in
+   the same rounds);
 2. **tiling**: ``nvila.preprocess_batch`` on uint8 tensors already on the device (one
    ``tile_images`` call) against PIL preprocessing on the host plus the copy to the device;
 3. **images → tokens** with a SigLIP-so400m-shaped random tower (27 layers, 1152 wide, 16 heads,
@@ -81,7 +84,9 @@ def _sizes(cfg: dict) -> list[tuple[int, int]]:
 
 
 def features_to_tokens(cfg: dict, device: torch.device, dtype: torch.dtype, repeats: int) -> list:
-    """Section 1: VILA's path against ``merge_and_pack``, both layouts."""
+    """Section 1: VILA's path against ``merge_and_pack``, and ``merge(...).pack()`` /
+    ``.features`` (the merge kernel's three outputs), both layouts, each beside its memory bound:
+    (features read + output written) at the card's copy bandwidth, measured in the same rounds."""
     sizes = _sizes(cfg)
     plans = [dynamic_s2.plan_tiles(h, w, cfg["scales"], policy="nvila") for h, w in sizes]
     grids = [p.scales[-1].grid for p in plans]
@@ -95,12 +100,28 @@ def features_to_tokens(cfg: dict, device: torch.device, dtype: torch.dtype, repe
             base if layout == "contiguous" else base.transpose(1, 2).contiguous().transpose(1, 2)
         )
         buffer = nvila.merge_and_pack(feats, plans)[0]
+        merged = dynamic_s2.merge(feats, plans)
+        elem = feats.element_size()
+        out_bytes = {
+            "fresh": buffer.numel() * elem,
+            "out": buffer.numel() * elem,
+            "pack": merged.tokens.numel() * elem,
+            "features": merged.features.numel() * elem + merged.mask.numel(),
+        }
+        del merged
+        copy = {"src": torch.ones_like(buffer), "dst": torch.empty_like(buffer)}
         fns: dict[str, Callable[[], object]] = {
             "vila": lambda f=feats: vila_tokens(f, grids, cfg["scales"]),
             "fresh": lambda f=feats: nvila.merge_and_pack(f, plans),
             "out": lambda f=feats, b=buffer: nvila.merge_and_pack(f, plans, out=b),
+            "pack": lambda f=feats: dynamic_s2.merge(f, plans).pack(),
+            "features": lambda f=feats: dynamic_s2.merge(f, plans).features,
+            "copy": lambda c=copy: c["dst"].copy_(c["src"]),
         }
         times = interleaved(fns, repeats=repeats, warmup=1, sync=synchronizer(device))
+        bandwidth = 2 * out_bytes["out"] / median(times["copy"])  # read + write, bytes/s
+        in_bytes = feats.numel() * elem
+        bound = {k: (in_bytes + b) / bandwidth for k, b in out_bytes.items()}
         equal = bool(torch.equal(torch.cat(vila_tokens(feats, grids, cfg["scales"])), buffer))
         rows.append(
             {
@@ -108,9 +129,13 @@ def features_to_tokens(cfg: dict, device: torch.device, dtype: torch.dtype, repe
                 "median_s": {k: median(v) for k, v in times.items()},
                 "speedup_fresh": paired_ratio(times["vila"], times["fresh"]),
                 "speedup_out": paired_ratio(times["vila"], times["out"]),
+                "copy_GBps": bandwidth / 1e9,
+                "bound_s": bound,
+                "fraction_of_bound": {k: bound[k] / median(times[k]) for k in bound},
                 "equal_to_vila": equal,
             }
         )
+        copy.clear()
     return rows
 
 
@@ -170,7 +195,16 @@ def end_to_end(cfg: dict, device: torch.device, dtype: torch.dtype, repeats: int
 def report(data: dict) -> str:
     """The printed table."""
     f2t = markdown_table(
-        ["features", "VILA (ms)", "fresh (ms)", "out= (ms)", "fresh speed-up", "out= speed-up"],
+        [
+            "features",
+            "VILA (ms)",
+            "fresh (ms)",
+            "out= (ms)",
+            "fresh speed-up",
+            "out= speed-up",
+            "copy GB/s",
+            "fraction of bound: fresh / out= / pack() / .features",
+        ],
         [
             [
                 r["layout"],
@@ -179,6 +213,10 @@ def report(data: dict) -> str:
                 fmt_ms(r["median_s"]["out"]),
                 f"**{r['speedup_fresh']:.1f}x**",
                 f"**{r['speedup_out']:.1f}x**",
+                f"{r['copy_GBps']:.0f}",
+                " / ".join(
+                    f"{r['fraction_of_bound'][k]:.2f}" for k in ("fresh", "out", "pack", "features")
+                ),
             ]
             for r in data["features_to_tokens"]
         ],

@@ -2,35 +2,25 @@
 
 The merge resamples every scale of an image to one output grid ``(H, W)`` and concatenates the
 scales on channels; NVILA's projector then packs every ``k × k`` block of that map into one token
-of ``k²·S·C`` channels (zero padding at the bottom and right). The token order is a permutation of
-the merged cells, so one gather can write the tokens directly:
-
-* the output ``[Σ tokens, k²·S·C]`` is viewed as *slots* ``[Σ tokens·k², S·C]`` (token-major,
-  then the block's row, then its column); scale ``s`` owns the channel slice ``s·C:(s+1)·C``;
-* for every slot the source feature rows and weights of its area (or bilinear) taps are computed on
-  the host from the plans (the same 1-D taps as :mod:`dynamic_s2.merge`) and cached per geometry;
-* single-tap scales (integer upsampling, the identity) are one ``index_select`` per run of images
-  straight into the output; on a multi-tap scale (a non-integer area factor, bilinear) every slot
-  first takes its first non-zero tap the same way, then only the slots that really sum several
-  taps are summed (in float32 for half precision) and written over with one ``index_copy_``;
-  padding slots are zeroed at the end.
-
-Features whose rows are not contiguous (HF SigLIP's channel-major ``hidden_states``, strides
-``(N·C, 1, N)``) are transposed one image at a time into a reused scratch and gathered from there.
-Gradients flow through a custom autograd function whose backward is the adjoint gather
-(``index_add``).
+of ``k²·S·C`` channels (zero padding at the bottom and right). Cell ``(y, x)`` of the merged map
+is slot ``(y // k, x // k, y % k, x % k)`` of the tokens ``[nh, nw, k, k, S·C]``: an offset that
+is separable in ``y`` and ``x``, so the merge's own kernel
+(:func:`dynamic_s2._resample.write_image`)
+writes every image's scales straight into the tokens by strided copies from the tiles (HF's
+channel-major ``hidden_states`` transposed tile by tile first); the few padding slots
+are zeroed at the end. Gradients flow through a custom autograd function whose backward is the
+adjoint gather (``index_add``) over index maps built on the host from the same taps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from .merge import _axis_taps, _row_strides, tap_rows
+from ._resample import Axis, axis_taps, tap_rows, write_image
 from .packing import packed_size
 from .plan import TilePlan
 
@@ -38,20 +28,6 @@ __all__ = ["cu_seqlens", "fill_tokens", "pack_maps"]
 
 #: One image's geometry: per scale ``(rows, cols, valid_h, valid_w)``, then the output grid.
 Geometry = tuple[tuple[tuple[int, int, int, int], ...], tuple[int, int]]
-
-
-@dataclass(frozen=True, eq=False)
-class _Segment:
-    """Slots ``[lo, hi)`` of scale ``scale``: each gathered from ``rows``; where a slot sums more
-    than one tap (the slots ``mixed``), the sum over ``mixed_rows`` with ``mixed_weights``."""
-
-    scale: int
-    lo: int
-    hi: int
-    rows: torch.Tensor
-    mixed: torch.Tensor | None = None
-    mixed_rows: torch.Tensor | None = None
-    mixed_weights: torch.Tensor | None = None
 
 
 def image_geometry(plan: TilePlan, side: int, out_index: int) -> Geometry:
@@ -85,8 +61,8 @@ def _scale_map(
     first_tile = sum(r * c for r, c, _, _ in scales[:s])
     tile_ids = first_tile + np.arange(grid_rows * cols).reshape(grid_rows, cols)
     y, x, valid = _slot_cells(out_hw, factor)
-    ri, rw = _axis_taps(vh, out_hw[0], mode)
-    ci, cw = _axis_taps(vw, out_hw[1], mode)
+    ri, rw = axis_taps(vh, out_hw[0], mode)
+    ci, cw = axis_taps(vw, out_hw[1], mode)
     rows, weight = tap_rows(  # per slot: [slots, Ly, Lx]
         tile_ids,
         (ri[y][:, :, None], rw[y][:, :, None]),
@@ -112,112 +88,16 @@ def _slots(geometry: Geometry, factor: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _segments(
-    geometries: tuple[Geometry, ...],
-    side: int,
-    factor: int,
-    strides: tuple[int, int, int],
-    mode: str,
-    batched: bool,
-    device: torch.device,
-    compute: torch.dtype,
-) -> tuple[tuple[tuple[_Segment, ...], ...], torch.Tensor | None]:
-    """Per image, the segments that fill its slots, and all padding slots (``None`` if none).
-
-    ``batched``: rows address the whole batch (tile offsets added) and a run of consecutive
-    single-tap images shares one segment (kept with the run's last image); otherwise rows are
-    image-local. Cached per geometry, layout, device and compute dtype: the tensors are shared.
-    """
-    num_scales = len(geometries[0][0])
-    groups: list[list[_Segment]] = []
-    pending: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(num_scales)]
-
-    def flush(row: list[_Segment], s: int) -> None:
-        if pending[s]:
-            rows = torch.from_numpy(np.concatenate([r for _, _, r in pending[s]])).to(device)
-            row.append(_Segment(s, pending[s][0][0], pending[s][-1][1], rows))
-            pending[s].clear()
-
-    slot0, tile0, pads = 0, 0, []
+def _pad_slots(
+    geometries: tuple[Geometry, ...], factor: int, device: torch.device
+) -> torch.Tensor | None:
+    """Every padding slot of the batch (cells past an image's map in its last tokens), or None."""
+    pads, slot0 = [], 0
     for g in geometries:
-        n_slots = _slots(g, factor)
-        row: list[_Segment] = []
-        for s in range(num_scales):
-            rows, weight = _scale_map(g, s, side, factor, strides, mode)
-            rows = rows + tile0 * strides[0] if batched else rows
-            if rows.shape[1] == 1:
-                pending[s].append((slot0, slot0 + n_slots, rows[:, 0]))
-                if not batched:
-                    flush(row, s)
-                continue
-            flush(row, s)
-            row.append(_multi_tap_segment(s, slot0, rows, weight, device, compute))
-        groups.append(row)
         pads.append(slot0 + np.flatnonzero(~_slot_cells(g[1], factor)[2]))
-        slot0 += n_slots
-        tile0 += _tiles(g)
-    for s in range(num_scales):
-        flush(groups[-1], s)
+        slot0 += _slots(g, factor)
     pad = np.concatenate(pads)
-    return tuple(tuple(r) for r in groups), (torch.from_numpy(pad).to(device) if len(pad) else None)
-
-
-def _multi_tap_segment(
-    s: int, lo: int, rows: np.ndarray, weight: np.ndarray, device: torch.device, dtype: torch.dtype
-) -> _Segment:
-    """A segment whose slots take their first non-zero tap, then the sums where there are more."""
-    used = weight != 0
-    first = rows[np.arange(len(rows)), used.argmax(1)]
-    mixed = np.flatnonzero(used.sum(1) > 1)
-    return _Segment(
-        s,
-        lo,
-        lo + len(rows),
-        torch.from_numpy(first).to(device),
-        torch.from_numpy(mixed).to(device),
-        torch.from_numpy(rows[mixed]).to(device),
-        torch.from_numpy(weight[mixed]).to(device, dtype),
-    )
-
-
-def _fill(src: torch.Tensor, slots: torch.Tensor, seg: _Segment, scratch: list) -> None:
-    """Write one segment into ``slots [n, S·C]`` from the rows ``src [R, C]``.
-
-    ``scratch``: ``[gathered taps (src dtype), sums (compute dtype)]`` with enough rows.
-    """
-    c = src.shape[1]
-    column = slots[seg.lo : seg.hi, seg.scale * c : (seg.scale + 1) * c]
-    torch.index_select(src, 0, seg.rows, out=column)
-    if seg.mixed is None or seg.mixed_rows is None or seg.mixed_weights is None:
-        return
-    m = len(seg.mixed)
-    tmp, acc = scratch[0][:m], scratch[1][:m]
-    for k in range(seg.mixed_rows.shape[1]):
-        torch.index_select(src, 0, seg.mixed_rows[:, k], out=tmp)
-        if k == 0:
-            torch.mul(tmp, seg.mixed_weights[:, :1], out=acc)
-        else:
-            acc.addcmul_(tmp, seg.mixed_weights[:, k : k + 1])
-    column.index_copy_(0, seg.mixed, acc if acc.dtype == column.dtype else acc.to(column.dtype))
-
-
-def _scratch(
-    groups: Sequence[Sequence[_Segment]], like: torch.Tensor, compute: torch.dtype
-) -> list:
-    """Buffers for the largest multi-tap sum of ``groups``, allocated once per call."""
-    most = max((len(g.mixed) for row in groups for g in row if g.mixed is not None), default=0)
-    c = like.shape[-1]
-    return [like.new_empty((most, c)), like.new_empty((most, c), dtype=compute)]
-
-
-def _rows_view(maps: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]] | None:
-    """``maps [T, h, w, C]`` as ``[R, C]`` rows plus row strides, when its rows are contiguous."""
-    strides = _row_strides(maps)
-    if strides is None:
-        return None
-    t, h, w, c = maps.shape
-    count = (t - 1) * strides[0] + (h - 1) * strides[1] + (w - 1) * strides[2] + 1
-    return maps.as_strided((count, c), (c, 1)), strides
+    return torch.from_numpy(pad).to(device) if len(pad) else None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,31 +109,23 @@ def fill_tokens(
     maps: torch.Tensor, geometries: tuple[Geometry, ...], factor: int, mode: str, out: torch.Tensor
 ) -> None:
     """Write the packed tokens of ``maps [T, h, w, C]`` (any strides) into ``out`` (contiguous)."""
-    c, side = maps.shape[-1], maps.shape[1]
-    slots = out.view(-1, out.shape[1] // (factor * factor))
-    compute = compute_dtype(maps.dtype)
-    view = _rows_view(maps)
-    batched = view is not None
-    # Rows the batch's maps can be read from as they are, or (channel-major) rows of one image's
-    # tiles at a time, transposed into a reused buffer.
-    strides = view[1] if view is not None else (side * side, side, 1)
-    key = (geometries, side, factor, strides, mode, batched, maps.device, compute)
-    groups, pad = _segments(*key)
-    scratch = _scratch(groups, maps, compute)
-    if view is not None:
-        for seg in (seg for row in groups for seg in row):
-            _fill(view[0], slots, seg, scratch)
-    else:
-        buffer = maps.new_empty((max(_tiles(g) for g in geometries), side, side, c))
-        tile0 = 0
-        for g, row in zip(geometries, groups, strict=True):
-            n = _tiles(g)
-            buffer[:n].copy_(maps[tile0 : tile0 + n])
-            for seg in row:
-                _fill(buffer[:n].view(-1, c), slots, seg, scratch)
-            tile0 += n
+    c = maps.shape[-1]
+    width = out.shape[1] // (factor * factor)  # S·C: one slot
+    scratch: dict[str, torch.Tensor] = {}
+    tile0 = slot0 = 0
+    for scales, out_hw in geometries:
+        nh, nw = packed_size(out_hw, factor)
+        slot = factor * width
+        axes = (Axis(factor, nw * factor * slot, slot), Axis(factor, factor * slot, width))
+        for s, (rows, cols, vh, vw) in enumerate(scales):
+            ids = tile0 + np.arange(rows * cols).reshape(rows, cols)
+            base = int(out.storage_offset()) + slot0 * width + s * c
+            write_image(out, base, axes, maps, ids, (vh, vw), out_hw, mode, scratch)
+            tile0 += rows * cols
+        slot0 += nh * nw * factor * factor
+    pad = _pad_slots(geometries, factor, maps.device)
     if pad is not None:
-        slots.index_fill_(0, pad, 0)
+        out.view(-1, width).index_fill_(0, pad, 0)
 
 
 @lru_cache(maxsize=64)

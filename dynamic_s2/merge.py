@@ -4,11 +4,12 @@ For every image and scale the tile features are stitched into one map and croppe
 region the plan gives; every scale is resampled to the grid of one output scale and the scales are
 concatenated on channels in ascending order.
 
-Stitching, cropping and resampling are fused into gathers: area and bilinear resampling are
-separable linear maps with a few taps per axis, so every output cell is a weighted sum of a few
-source feature rows whose indices are computed on the host from the plans. The result is built
-packed (image after image, raster order) with one gather per (scale, tap count); the padded
-``[B, H, W, C]`` view and its mask are only built when asked for.
+The result is built packed (image after image, raster order) by the merge kernel of
+:mod:`dynamic_s2._resample`: every image's scale is written straight from its tiles into its rows
+and channel slice by strided copies (integer factors as broadcast views, area averages summed in
+the reference's order), with no index map. Under autograd the same taps run as weighted gathers
+whose backward is the adjoint. The padded ``[B, H, W, C]`` view and its mask are only built when
+asked for.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from . import _checks
+from ._resample import Axis, axis_taps, row_strides, tap_rows, write_image
 from .multiscale import MultiScaleFeatures
 from .plan import TilePlan
 
@@ -120,75 +121,12 @@ def split_prefix(
     return prefix, features[:, prefix_count:].unflatten(1, (side, side))
 
 
-@lru_cache(maxsize=4096)
-def _axis_taps(size_in: int, size_out: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights ``[size_out, L]`` of a 1-D area or bilinear resample.
-
-    Cached: the arrays are shared and must not be modified.
-    """
-    out = np.arange(size_out)
-    if size_in == size_out:
-        return out[:, None], np.ones((size_out, 1))
-    if mode == "area":  # adaptive average pooling windows, as F.interpolate(mode="area")
-        start = (out * size_in) // size_out
-        end = -((-(out + 1) * size_in) // size_out)
-        length = end - start
-        taps = int(length.max())
-        index = start[:, None] + np.arange(taps)[None, :]
-        weight = (np.arange(taps)[None, :] < length[:, None]) / length[:, None]
-        return np.minimum(index, size_in - 1), weight
-    # bilinear, align_corners=False
-    src = np.maximum((out + 0.5) * (size_in / size_out) - 0.5, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, size_in - 1)
-    i1 = np.minimum(i0 + 1, size_in - 1)
-    frac = src - i0
-    return np.stack([i0, i1], 1), np.stack([1.0 - frac, frac], 1)
-
-
-def tap_rows(
-    tile_ids: np.ndarray,
-    row_taps: tuple[np.ndarray, np.ndarray],
-    col_taps: tuple[np.ndarray, np.ndarray],
-    side: tuple[int, int],
-    strides: tuple[int, int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Source feature rows and weights of separable taps over a stitched grid of tiles.
-
-    ``row_taps``/``col_taps`` are ``(indices, weights)`` into the stitched map's rows and columns,
-    shaped to broadcast against each other; ``tile_ids[r, c]`` is the tile at grid position
-    ``(r, c)``, ``side`` the ``(h, w)`` of one tile's map and ``strides`` the flat-row strides of
-    (tile, y, x) (see :func:`_flat_rows`). Shared by :func:`stitch_resample` and the fused packer.
-
-    Examples:
-        >>> ids = np.arange(2).reshape(1, 2)  # two tiles side by side, 2 x 2 cells each
-        >>> rows, w = tap_rows(ids, (np.array([[1]]), np.ones((1, 1))),
-        ...                    (np.array([[3]]), np.ones((1, 1))), (2, 2), (4, 2, 1))
-        >>> int(rows[0, 0])  # tile 1, y 1, x 1 -> 4 + 2 + 1
-        7
-    """
-    (ri, rw), (ci, cw) = row_taps, col_taps
-    tile = tile_ids[ri // side[0], ci // side[1]]
-    rows = tile * strides[0] + (ri % side[0]) * strides[1] + (ci % side[1]) * strides[2]
-    return rows, rw * cw
-
-
-def _row_strides(maps: torch.Tensor) -> tuple[int, int, int] | None:
-    """Strides of ``[T, h, w, C]`` maps in units of feature rows, when rows are contiguous."""
-    channels = maps.shape[-1]
-    # The stride of a size-1 dim is arbitrary (never used to step), so treat it as 0.
-    st = [0 if n == 1 else x for n, x in zip(maps.shape, maps.stride(), strict=True)]
-    if (channels > 1 and st[3] != 1) or any(x % channels for x in st[:3]):
-        return None
-    return st[0] // channels, st[1] // channels, st[2] // channels
-
-
 def _flat_rows(maps: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """A ``[R, C]`` tensor and the row strides that address every ``(tile, y, x)`` of ``maps``."""
-    strides = _row_strides(maps)
+    strides = row_strides(maps)
     if strides is None or (maps.requires_grad and not maps.is_contiguous()):
         maps = maps.contiguous()
-        strides = _row_strides(maps)
+        strides = row_strides(maps)
         if strides is None:  # pragma: no cover - a contiguous tensor always has row strides
             raise ValueError(f"cannot address maps of shape {tuple(maps.shape)}")
     if maps.is_contiguous():
@@ -229,32 +167,46 @@ def stitch_resample(
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
     _check_maps(maps)
-    channels = maps[0].shape[-1]
     dtype, device = maps[0].dtype, maps[0].device
-    total = sum(h * w for h, w in out_sizes)
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     grad = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
-    out = None if grad else torch.empty((total, len(maps) * channels), dtype=dtype, device=device)
+    if not grad:
+        return _write_packed(maps, layouts, out_sizes, resample)
     columns: list[torch.Tensor] = []
-    for s, fmap in enumerate(maps):
+    for s, fmap in enumerate(maps):  # autograd: the weighted gathers of every image at once
         src, strides = _flat_rows(fmap)
         rows_np, weight_np = _scale_taps(
             fmap, strides, [row[s] for row in layouts], out_sizes, resample
         )
         rows_t = torch.from_numpy(rows_np).to(device, non_blocking=True)
-        column = None if out is None else out[:, s * channels : (s + 1) * channels]
-        if column is not None and (rows_np.shape[1] == 1 or dtype == compute):
-            _gather_into(column, src, rows_t, weight_np)
-            continue
-        # Functional path (autograd, or half precision computed in float32).
-        value = _gather(src, rows_t, weight_np, compute)
-        if column is not None:
-            column.copy_(value)
-        else:
-            columns.append(value)
-    if out is not None:
-        return out
+        columns.append(_gather(src, rows_t, weight_np, compute))
     return torch.cat(columns, dim=1)
+
+
+def _write_packed(
+    maps: Sequence[torch.Tensor],
+    layouts: Sequence[Sequence[TileLayout]],
+    out_sizes: Sequence[tuple[int, int]],
+    resample: str,
+) -> torch.Tensor:
+    """:func:`stitch_resample` without autograd: every image's scale written straight from its
+    tiles into its rows and channel slice of the packed output (:func:`_resample.write_image`)."""
+    channels = maps[0].shape[-1]
+    width = len(maps) * channels
+    total = sum(h * w for h, w in out_sizes)
+    out = maps[0].new_empty((total, width))
+    scratch: dict[str, torch.Tensor] = {}
+    row = 0
+    for b, (oh, ow) in enumerate(out_sizes):
+        axes = (Axis(1, ow * width, ow * width), Axis(1, width, width))
+        for s, fmap in enumerate(maps):
+            layout = layouts[b][s]
+            base = int(out.storage_offset()) + row * width + s * channels
+            write_image(
+                out, base, axes, fmap, layout.tile_ids, layout.valid, (oh, ow), resample, scratch
+            )
+        row += oh * ow
+    return out
 
 
 def _check_maps(maps: Sequence[torch.Tensor]) -> None:
@@ -281,8 +233,8 @@ def _scale_taps(
     rows_list, weight_list = [], []
     for layout, (oh, ow) in zip(layouts, out_sizes, strict=True):
         vh, vw = layout.valid
-        ri, rw = _axis_taps(vh, oh, resample)
-        ci, cw = _axis_taps(vw, ow, resample)
+        ri, rw = axis_taps(vh, oh, resample)
+        ci, cw = axis_taps(vw, ow, resample)
         rows, weight = tap_rows(
             layout.tile_ids,
             (ri[:, None, :, None], rw[:, None, :, None]),
@@ -299,29 +251,6 @@ def _scale_taps(
     )
     weight_np = np.concatenate([np.pad(w, ((0, 0), (0, most - w.shape[1]))) for w in weight_list])
     return rows_np, weight_np
-
-
-def _gather_into(
-    column: torch.Tensor, src: torch.Tensor, rows_t: torch.Tensor, weight_np: np.ndarray
-) -> None:
-    """In place, straight into the output's channel slice: the first tap is gathered into it,
-    every further tap is added only where its weight is not zero."""
-    torch.index_select(src, 0, rows_t[:, 0], out=column)
-    most, total = weight_np.shape[1], weight_np.shape[0]
-    if most == 1:
-        return
-    device = column.device
-    weight_t = torch.from_numpy(weight_np).to(device, column.dtype, non_blocking=True)
-    if not np.all(weight_np[:, 0] == 1.0):
-        column.mul_(weight_t[:, :1])
-    for k in range(1, most):
-        used = np.flatnonzero(weight_np[:, k])
-        if len(used) == total:
-            column.addcmul_(src.index_select(0, rows_t[:, k]), weight_t[:, k : k + 1])
-        elif len(used):
-            where = torch.from_numpy(used).to(device, non_blocking=True)
-            value = src.index_select(0, rows_t[where, k]) * weight_t[where, k : k + 1]
-            column.index_add_(0, where, value)
 
 
 def _gather(

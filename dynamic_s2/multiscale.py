@@ -174,9 +174,20 @@ class MultiScaleFeatures:
     @cached_property
     def features(self) -> torch.Tensor:
         """``[B, Hmax, Wmax, C_total]`` padded features, zero where :attr:`mask` is False."""
-        index, (b, hmax, wmax) = self._padded_index
-        out = self.tokens.new_zeros(b * hmax * wmax, self.channels)
-        return out.index_copy_(0, index, self.tokens).view(b, hmax, wmax, self.channels)
+        if self.tokens.requires_grad and torch.is_grad_enabled():  # one op for autograd
+            index, (b, hmax, wmax) = self._padded_index
+            out = self.tokens.new_zeros(b * hmax * wmax, self.channels)
+            return out.index_copy_(0, index, self.tokens).view(b, hmax, wmax, self.channels)
+        # Each byte written once: every image's rows copied into its corner (a strided copy, no
+        # index map), and only the padding zeroed.
+        hmax = max((h for h, _ in self.sizes), default=0)
+        wmax = max((w for _, w in self.sizes), default=0)
+        out = self.tokens.new_empty((len(self.sizes), hmax, wmax, self.channels))
+        for image, chunk, (h, w) in zip(out, self.unpad(), self.sizes, strict=True):
+            image[:h, :w].copy_(chunk)
+            image[h:].zero_()
+            image[:h, w:].zero_()
+        return out
 
     @cached_property
     def mask(self) -> torch.Tensor:
