@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _deps import need
 
-ray = pytest.importorskip("ray")
-pq = pytest.importorskip("pyarrow.parquet")
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+ray = need("ray")
+pq = need("pyarrow.parquet")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 from dynamic_s2 import TilePlan  # noqa: E402
 from dynamic_s2.cli import main  # noqa: E402

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _deps import need
 
 import dynamic_s2
 from dynamic_s2 import (
@@ -2183,7 +2184,7 @@ def test_backbone_with_register_tokens_callable() -> None:
 
 
 def test_backbone_with_register_tokens_hf() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     config = transformers.Dinov2WithRegistersConfig(
         image_size=32,
         patch_size=8,
