@@ -36,6 +36,11 @@ _PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
 DoneKey = tuple[str, int, int]
 
 
+def _part_rank(path: Path) -> int:
+    match = _PART_RE.match(path.name)
+    return int(match.group(2)) if match else -1
+
+
 def _shard_name(rank: int | None, index: int) -> str:
     tag = "" if rank is None else f"r{rank}-"
     return f"shard-{tag}{index:05d}.safetensors"

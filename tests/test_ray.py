@@ -191,6 +191,28 @@ def test_reader_indexing(killed_run: SimpleNamespace) -> None:
         data[1.5]  # type: ignore[index]
 
 
+@pytest.mark.parametrize("folder", ["out", "ref"])  # Parquet, safetensors
+def test_reader_keys_as_the_user_passed_them(
+    killed_run: SimpleNamespace, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key is the path the user gave: absolute, relative to the current directory, with ``./``
+    or ``..``, a ``Path``; all find the one stored (absolute) key, in both formats."""
+    data = open_features(getattr(killed_run, folder))
+    generated = killed_run.generated
+    stored = next(k for k in data.keys if Path(k).parent == generated)
+    position, name = data.keys.index(stored), Path(stored).name
+    monkeypatch.chdir(generated.parent)
+    relative = Path(generated.name) / name
+    given = [str(generated / name), str(relative), relative, f"./{relative}",
+             f"{generated.name}/../{generated.name}/{name}"]  # fmt: skip
+    for key in given:
+        assert key in data and data.index(key) == position, key
+        assert data[key].key == stored
+    assert "missing.png" not in data and 3 not in data
+    with pytest.raises(KeyError, match=r"'generated/missing\.png' is not in"):
+        data[f"{generated.name}/missing.png"]
+
+
 def test_rerun_resumes_new_changed_and_failed_images(cluster: None, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
