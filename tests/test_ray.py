@@ -213,6 +213,28 @@ def test_reader_keys_as_the_user_passed_them(
         data[f"{generated.name}/missing.png"]
 
 
+def test_cli_is_quiet_unless_verbose(
+    cluster: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A good run prints our summary, naming the Parquet folder, and none of Ray's INFO logs nor
+    its "no available CPUs ... will hang" alarm; --verbose shows Ray's INFO logs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "teal")):
+        Image.new("RGB", (40 + 10 * i, 60), colour).save(images / f"{colour}.png")
+    out = tmp_path / "out"
+    args = ["extract", str(images), "--out", str(out), "--engine", "ray", "--scales", "32",
+            "--backbone", "efficientnet-lite0", "--no-progress"]  # fmt: skip
+    capfd.readouterr()
+    assert main(args) == 0
+    quiet = capfd.readouterr()
+    assert f"Parquet folder: {out / 'parquet'}" in quiet.out and "manifest" not in quiet.out
+    assert "INFO " not in quiet.err and "available CPUs" not in quiet.out + quiet.err, quiet.err
+    assert main([*args, "--overwrite", "--verbose"]) == 0
+    loud = capfd.readouterr()
+    assert "INFO " in loud.err and "Parquet folder" in loud.out
+
+
 def test_rerun_resumes_new_changed_and_failed_images(cluster: None, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
