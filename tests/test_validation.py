@@ -2133,8 +2133,9 @@ def test_non_contiguous_and_channels_last() -> None:
 
 def test_non_contiguous_tile_features() -> None:
     feats = torch.randn(8, T_TOTAL, 4).transpose(0, 1)  # [T, C, N] memory, [T, N, C] view
-    out = merge(feats, PLANS)
-    torch.testing.assert_close(out.tokens, merge(feats.contiguous(), PLANS).tokens)
+    out = merge(feats, PLANS, num_prefix_tokens=4)  # 8 tokens: 4 prefix tokens and a 2×2 grid
+    expected = merge(feats.contiguous(), PLANS, num_prefix_tokens=4)
+    torch.testing.assert_close(out.tokens, expected.tokens)
 
 
 @pytest.mark.parametrize(
