@@ -436,13 +436,19 @@ def extract_ray(
     return RayExtractResult(out, extracted, skipped, failed, failed, written, seconds)
 
 
-class _OurNoise(logging.Filter):
-    """Drops two console warnings of Ray Data that our job causes and that ask nothing of the
-    user: "the cluster does not have any available CPUs ... will hang", which fires as the job
-    ends while our encoding actors still hold the CPUs (it does not hang), and "progress bars
-    for operators disabled", which we did on purpose."""
+class _Quiet(logging.Filter):
+    """Drops records below ``level``, and two warnings that our job causes and that ask
+    nothing of the user: "the cluster does not have any available CPUs ... will hang", which fires
+    as the job ends while our encoding actors still hold the CPUs (it does not hang), and
+    "progress bars for operators disabled", which we did on purpose."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return False
         message = record.getMessage()
         return not any(
             text in message
@@ -450,28 +456,34 @@ class _OurNoise(logging.Filter):
         )
 
 
+def _consoles(logger: logging.Logger) -> list[logging.Handler]:
+    """The console handlers (streams, not files) that the records of ``logger`` and its children
+    reach: its own and, while it propagates, its ancestors'."""
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        found += [
+            h
+            for h in current.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        current = current.parent if current.propagate else None
+    return found
+
+
 @contextlib.contextmanager
 def _ray_logs(verbose: bool) -> Iterator[None]:
     """Ray Data's console logs at WARNING (unless ``verbose``) and without the noise of
-    :class:`_OurNoise`, for the duration of the job; its log files are untouched."""
-    data_logger = logging.getLogger("ray.data")
-    consoles = [
-        h
-        for h in data_logger.handlers
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-    ]
-    levels = [h.level for h in consoles]
-    noise = _OurNoise()
+    :class:`_Quiet`, for the duration of the job; its log files are untouched."""
+    quiet = _Quiet(logging.NOTSET if verbose else logging.WARNING)
+    consoles = _consoles(logging.getLogger("ray.data"))
     for handler in consoles:
-        handler.addFilter(noise)
-        if not verbose:
-            handler.setLevel(max(handler.level, logging.WARNING))
+        handler.addFilter(quiet)
     try:
         yield
     finally:
-        for handler, level in zip(consoles, levels, strict=True):
-            handler.removeFilter(noise)
-            handler.setLevel(level)
+        for handler in consoles:
+            handler.removeFilter(quiet)
 
 
 def _on_cluster(
