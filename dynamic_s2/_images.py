@@ -280,7 +280,7 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         width, height = opened.size  # from the header: nothing is decoded yet
         if max_pixels is not None and width * height > max_pixels:
             raise ValueError(
-                f"max_pixels: {os.fspath(path)!r} is {width}x{height} = {width * height} pixels, "
+                f"max_pixels: {os.fspath(path)!r} is {height}x{width} = {width * height} pixels, "
                 f"more than max_pixels={max_pixels}"
             )
         image = image_ops.exif_transpose(opened)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._folder import append_durable, open_append, write_durable
+from ._folder import append_durable, open_append, read_bytes, write_durable
 from ._optional import require
 
 if TYPE_CHECKING:
@@ -34,6 +34,11 @@ _PART_RE = re.compile(r"^(manifest|errors)-r(\d+)\.jsonl$")
 
 #: The resume key of an image: its path, file size and modification time (ns).
 DoneKey = tuple[str, int, int]
+
+
+def _part_rank(path: Path) -> int:
+    match = _PART_RE.match(path.name)
+    return int(match.group(2)) if match else -1
 
 
 def _shard_name(rank: int | None, index: int) -> str:
@@ -190,3 +195,33 @@ class ShardWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def verify_shard(out_dir: Path, entry: dict[str, Any]) -> bool:
+    """Whether the shard of manifest ``entry`` is intact: a regular file (not a link) whose size and
+    SHA-256 are the ``shard_bytes`` and ``shard_sha256`` of the entry.
+
+    Entries of older folders, without these two fields, only need the shard to exist.
+
+    Examples:
+        >>> import tempfile, pathlib, hashlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"features")
+        >>> entry = {"shard": "shard-00000.safetensors", "shard_bytes": 8,
+        ...          "shard_sha256": hashlib.sha256(b"features").hexdigest()}
+        >>> verify_shard(out, entry)
+        True
+        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"featureS")  # one bit flipped
+        >>> verify_shard(out, entry)
+        False
+    """
+    try:
+        data = read_bytes(out_dir / entry["shard"])
+    except (ValueError, OSError):
+        return False
+    if data is None:
+        return False
+    nbytes, sha256 = entry.get("shard_bytes"), entry.get("shard_sha256")
+    if nbytes is None and sha256 is None:
+        return True
+    return len(data) == nbytes and hashlib.sha256(data).hexdigest() == sha256

@@ -10,7 +10,8 @@ overridden by building a :class:`Backbone` yourself.
 * timm models (``forward_features``): ``forward_features``, prefix count and normalisation from
   the model;
 * models with ``extract_features`` (EfficientNet): its maps;
-* torchvision classifiers: the maps of the convolutional trunk;
+* torchvision classifiers: a ViT's tokens (``vit_b_16``, ...), a Swin's maps, or the maps of
+  the convolutional trunk of a ConvNet;
 * anything else callable: the call's output.
 """
 
@@ -299,6 +300,59 @@ def _timm_backbone(model: nn.Module, feature_layer: int | tuple[int, ...] | None
     )
 
 
+def _torchvision_vit(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``bind`` for torchvision's ``VisionTransformer``: its tokens before the classifier head,
+    ``[n, 1 + N, C]`` (the class token, then the patch tokens in row-major order)."""
+
+    def fn(tiles: torch.Tensor) -> torch.Tensor:
+        size = (module.image_size, module.image_size)
+        if tuple(tiles.shape[-2:]) != size:
+            raise ValueError(
+                f"tiles: this torchvision ViT was built for {size[0]}×{size[1]} (H×W) tiles, got "
+                f"{tiles.shape[-2]}×{tiles.shape[-1]}; build it with image_size= or use that "
+                "tile size"
+            )
+        patches = module.conv_proj(tiles).flatten(2).transpose(1, 2)
+        cls = module.class_token.expand(patches.shape[0], -1, -1)
+        out: torch.Tensor = module.encoder(torch.cat([cls, patches], dim=1))
+        return out
+
+    return fn
+
+
+def _torchvision_swin(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``bind`` for torchvision's ``SwinTransformer``: its normalised last stage as
+    ``[n, C, h, w]`` maps (the stages work channels-last; the model's ``permute`` turns them)."""
+
+    def fn(tiles: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = module.permute(module.norm(module.features(tiles)))
+        return out
+
+    return fn
+
+
+def _torchvision_backbone(model: nn.Module) -> Backbone:
+    """A torchvision classifier: a ViT's tokens, a Swin's maps, or a ConvNet's trunk maps."""
+    name = f"torchvision:{type(model).__name__}"
+    if all(hasattr(model, a) for a in ("conv_proj", "class_token", "encoder", "image_size")):
+        fn, bind, size, prefix = _torchvision_vit(model), _torchvision_vit, model.image_size, 1
+    elif all(hasattr(model, a) for a in ("features", "norm", "permute")):
+        fn, bind, size, prefix = _torchvision_swin(model), _torchvision_swin, None, None
+    else:
+        fn, bind, size, prefix, name = _torchvision_trunk(model), None, None, None, "torchvision"
+    return Backbone(
+        fn,
+        input_size=_int_size(size),
+        num_prefix_tokens=prefix,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        module=model,
+        name=name,
+        bind=bind,
+        maps=prefix is None,
+    )
+
+
 def _torchvision_trunk(model: nn.Module) -> nn.Module:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Module):  # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet
@@ -413,10 +467,7 @@ def as_backbone(
             maps=True,
         )
     elif isinstance(model, nn.Module) and type(model).__module__.startswith("torchvision.models"):
-        trunk = _torchvision_trunk(model)
-        backbone = Backbone(
-            trunk, mean=IMAGENET_MEAN, std=IMAGENET_STD, module=model, name="torchvision", maps=True
-        )
+        backbone = _torchvision_backbone(model)
     else:
         module = model if isinstance(model, nn.Module) else None
         size = _int_size(getattr(model, "input_size", None))

@@ -205,7 +205,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         f"({rate:.2f} images/s)"
     )
     if result.rank == 0:
-        print(f"manifest: {result.manifest}")
+        parquet_dir = getattr(result, "parquet_dir", None)  # the ray engine's result
+        print(f"Parquet folder: {parquet_dir}" if parquet_dir else f"manifest: {result.manifest}")
         if result.errors is not None:
             print(f"{result.failed_total} images could not be read; see {result.errors}")
     return EXIT_SOME_FAILED if result.failed_total else EXIT_OK
@@ -240,6 +241,12 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="--engine ray: encoding actors, e.g. the number of GPUs (1); --workers and "
         "--shard-size are for the local engine",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="--engine ray: show Ray's own INFO logs and a progress bar per stage (default: "
+        "Ray's warnings only, and one progress bar)",
+    )
 
 
 def _ray_engine(args: argparse.Namespace) -> Any:
@@ -248,7 +255,7 @@ def _ray_engine(args: argparse.Namespace) -> Any:
 
     def engine(inputs: Any, out: Any, *, workers: int, shard_size: int, **kwargs: Any) -> Any:
         del workers, shard_size  # the local engine's; Ray sizes its own task pool
-        engine_args = {"address": args.address, "num_gpus": args.num_gpus}
+        engine_args = {"address": args.address, "num_gpus": args.num_gpus, "verbose": args.verbose}
         return extract_ray(inputs, out, concurrency=args.concurrency, **engine_args, **kwargs)
 
     return engine

@@ -27,12 +27,14 @@ Ray comes with the ``ray`` extra: ``pip install "dynamic_s2[ray]"``; reading ima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,12 @@ class RayExtractResult(ExtractResult):
 
     @property
     def manifest(self) -> Path:
+        """The Parquet folder, ``out_dir / "parquet"`` (the name the local engine's result uses
+        for its manifest file); also :attr:`parquet_dir`."""
+        return self.parquet_dir
+
+    @property
+    def parquet_dir(self) -> Path:
         """The Parquet folder, ``out_dir / "parquet"``."""
         return self.out_dir / parquet.PARQUET_DIR
 
@@ -267,12 +275,14 @@ def _run_job(
     num_gpus: float,
     retries: int,
     progress: bool,
+    verbose: bool,
     max_pixels: int | None,
 ) -> None:
     """Read and tile in CPU tasks, encode in an actor pool, write Parquet: one streaming job."""
     context = ray.data.DataContext.get_current()
-    bars = context.enable_progress_bars
-    context.enable_progress_bars = progress
+    bars = (context.enable_progress_bars, context.enable_operator_progress_bars)
+    # One bar, the whole job's; a bar per stage too when verbose.
+    context.enable_progress_bars, context.enable_operator_progress_bars = progress, verbose
     try:
         with warnings.catch_warnings():
             # Ray >= 2.5x deprecates the catch-all **ray_remote_args, but the retry settings of
@@ -300,7 +310,7 @@ def _run_job(
                 os.fspath(folder), row_group_size=batch_images, **parquet.WRITE_OPTIONS
             )
     finally:
-        context.enable_progress_bars = bars
+        context.enable_progress_bars, context.enable_operator_progress_bars = bars
 
 
 def _tally(out: Path, files: Sequence[Path], run_index: int) -> tuple[int, int]:
@@ -334,6 +344,7 @@ def extract_ray(
     overwrite: bool = False,
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    verbose: bool = False,
     **kwargs: Any,
 ) -> RayExtractResult:
     """Extract multi-scale features of every image under ``inputs`` on Ray Data, into Parquet.
@@ -358,8 +369,10 @@ def extract_ray(
         retries: restarts of a dead actor and retries of a failed task.
         address: the Ray cluster to join when Ray is not initialised (``"auto"``, ``"ray://..."``).
         overwrite: delete earlier results in ``out_dir`` and start afresh.
-        progress: show Ray Data's progress bars.
+        progress: show one progress bar (Ray Data's bar of the whole job).
         max_pixels: as in :func:`dynamic_s2.extract.extract` (default 50 megapixels).
+        verbose: show Ray's own INFO logs and a progress bar per stage; by default Ray's console
+            logs are at WARNING (its log files under the session folder stay complete).
         **kwargs: any field of :class:`~dynamic_s2.options.S2Options` (``scales``, ``policy``,
             ``max_batch_tiles``, ...).
 
@@ -387,6 +400,7 @@ def extract_ray(
     retries = _checks.non_negative_int("retries", retries)
     dtype = _dtype_name(_resolve_dtype(dtype))
     overwrite = _checks.boolean("overwrite", overwrite)
+    verbose = _checks.boolean("verbose", verbose)
     max_pixels = _checks.optional(_checks.positive_int, "max_pixels", max_pixels)
     out = check_out_dir(out_dir)
     opts = make_options(options, kwargs, where="extract_ray()")
@@ -416,11 +430,12 @@ def extract_ray(
                 "dtype": dtype,
                 "run_index": run_index,
             }
-            _on_cluster(
-                ray, address, jobs, folder, encoder_kwargs, batch_images=batch_images,
-                concurrency=concurrency, num_gpus=num_gpus, retries=retries, progress=progress,
-                max_pixels=max_pixels,
-            )  # fmt: skip
+            with _ray_logs(verbose):
+                _on_cluster(
+                    ray, address, jobs, folder, encoder_kwargs, batch_images=batch_images,
+                    concurrency=concurrency, num_gpus=num_gpus, retries=retries,
+                    progress=progress, verbose=verbose, max_pixels=max_pixels,
+                )  # fmt: skip
         written = tuple(p for p in parquet.parquet_files(folder) if p not in before)
         extracted, failed = _tally(out, written, run_index)
     finally:
@@ -430,17 +445,72 @@ def extract_ray(
     return RayExtractResult(out, extracted, skipped, failed, failed, written, seconds)
 
 
+class _Quiet(logging.Filter):
+    """Drops records below ``level``, and two warnings that our job causes and that ask
+    nothing of the user: "the cluster does not have any available CPUs ... will hang", which fires
+    as the job ends while our encoding actors still hold the CPUs (it does not hang), and
+    "progress bars for operators disabled", which we did on purpose."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return False
+        message = record.getMessage()
+        return not any(
+            text in message
+            for text in ("does not have any available CPUs", "Progress bars for operators disabled")
+        )
+
+
+def _consoles(logger: logging.Logger) -> list[logging.Handler]:
+    """The console handlers (streams, not files) that the records of ``logger`` and its children
+    reach: its own and, while it propagates, its ancestors'."""
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        found += [
+            h
+            for h in current.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        current = current.parent if current.propagate else None
+    return found
+
+
+@contextlib.contextmanager
+def _ray_logs(verbose: bool) -> Iterator[None]:
+    """Ray Data's console logs at WARNING (unless ``verbose``) and without the noise of
+    :class:`_Quiet`, for the duration of the job; its log files are untouched."""
+    quiet = _Quiet(logging.NOTSET if verbose else logging.WARNING)
+    consoles = _consoles(logging.getLogger("ray.data"))
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
+
+
 def _on_cluster(
-    ray: Any, address: str | None, *args: Any, num_gpus: float | None, **kwargs: Any
+    ray: Any,
+    address: str | None,
+    *args: Any,
+    num_gpus: float | None,
+    verbose: bool,
+    **kwargs: Any,
 ) -> None:
     """:func:`_run_job` on the running cluster, or on one started (and shut down) for it."""
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address)
+    if started:  # Ray's driver logs ("Started a local Ray instance") at WARNING unless verbose
+        ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING)
     try:
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        _run_job(ray, *args, num_gpus=num_gpus, **kwargs)
+        _run_job(ray, *args, num_gpus=num_gpus, verbose=verbose, **kwargs)
     finally:
         if started:
             ray.shutdown()

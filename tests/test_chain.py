@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,7 +173,7 @@ def test_a_new_field_reaches_the_cli_and_the_config(
     monkeypatch.setattr(options_module, "S2Options", WithColour)
     args = build_parser().parse_args(["extract", "x", "--out", "y", "--colour", "red"])
     assert args.colour == "red"
-    pytest.importorskip("PIL")
+    need("PIL")
     from PIL import Image
 
     folder = tmp_path / "in"

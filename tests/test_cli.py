@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import need
 
 import dynamic_s2
 from dynamic_s2.backbones import load_backbone
 from dynamic_s2.cli import build_parser, main
 from dynamic_s2.extract import find_images, load_features, read_image, read_manifest
 
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 SCALES = (224, 448)
 SCALES_ARG = "224,448"

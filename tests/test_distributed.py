@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import need
 
 from dynamic_s2.cli import main
 from dynamic_s2.extract import find_images, load_features, read_manifest
 
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -7,9 +7,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from _deps import need
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -53,10 +55,17 @@ def test_examples_found() -> None:
     assert set(EXPECTED) <= names, f"missing examples: {sorted(set(EXPECTED) - names)}"
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def _marked(script: Path) -> Any:
+    """The script as a test parameter, marked ``timm_torchvision`` when it needs either."""
+    if {"timm", "torchvision"} & set(REQUIRES.get(script.name, [])):
+        return pytest.param(script, marks=pytest.mark.timm_torchvision)
+    return script
+
+
+@pytest.mark.parametrize("script", [_marked(p) for p in EXAMPLES], ids=lambda p: p.name)
 def test_example_runs(script: Path) -> None:
     for module in REQUIRES.get(script.name, []):
-        pytest.importorskip(module)
+        need(module)
     run = _run([sys.executable, str(script)])
     assert run.returncode == 0, f"{script.name} failed:\n{run.stdout}\n{run.stderr}"
     expected = EXPECTED.get(script.name)
@@ -64,6 +73,7 @@ def test_example_runs(script: Path) -> None:
         assert expected in run.stdout, f"{script.name} did not print {expected!r}:\n{run.stdout}"
 
 
+@pytest.mark.timm_torchvision
 def test_timm_example_without_timm_says_so() -> None:
     """Without timm the timm example exits 0 with a clear message (and runs fully with it)."""
     run = _run([sys.executable, str(ROOT / "examples" / "timm_backbone.py")])
@@ -87,7 +97,7 @@ def _free_port() -> int:
     reason="needs torch.distributed with gloo",
 )
 def test_ddp_example_under_torchrun() -> None:
-    pytest.importorskip("transformers")
+    need("transformers")
     run = _run(
         [
             sys.executable,

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import need
 
 from dynamic_s2.extract import find_images, load_features, read_manifest
 
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 

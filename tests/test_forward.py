@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from _core_reference import Recorder, make_model, random_images, ref_forward
+from _deps import need
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -356,7 +357,7 @@ def test_grad_modes_and_autocast() -> None:
 
 
 def tiny_hf_vit(image_size: int = 32) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     torch.manual_seed(0)
     config = transformers.ViTConfig(
         image_size=image_size,

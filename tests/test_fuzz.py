@@ -479,6 +479,9 @@ def test_encode_tiles_fuzz(num_tiles: int, maps: bool, data: st.DataObject) -> N
 
 
 @settings(max_examples=100, deadline=None)
+# Undeclared prefix counts are drawn on purpose; the guesses they give may warn (the warning itself
+# is asserted in test_merge.py and test_reliability_api.py).
+@pytest.mark.filterwarnings("ignore::dynamic_s2.merge.PrefixGuessWarning")
 @given(
     sizes=st.lists(image_sizes(), min_size=1, max_size=4),
     scales=VALID_SCALES,

@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from _deps import need
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("transformers")
-pytest.importorskip("PIL")
+need("transformers")
+need("PIL")
 
 
 def test_gpu_benchmark_smoke(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _deps import need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +24,8 @@ import dynamic_s2
 from dynamic_s2 import Backbone, DynamicS2, S2Options, TileBatch, forward, nvila, plan_tiles, run
 from dynamic_s2.options import stage_fields
 
-transformers = pytest.importorskip("transformers")
-PIL_Image = pytest.importorskip("PIL.Image")
+transformers = need("transformers")
+PIL_Image = need("PIL.Image")
 
 from dynamic_s2.hf import (  # noqa: E402
     OPTION_NAMES,

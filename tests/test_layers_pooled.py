@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from _deps import need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -44,7 +45,7 @@ def test_options_take_one_layer_or_several() -> None:
 
 
 def _siglip() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     config = transformers.SiglipVisionConfig(
         image_size=32,
         patch_size=8,
@@ -132,8 +133,9 @@ def test_timm_layers_of_different_sizes_are_refused() -> None:
         as_backbone(model, feature_layer=(0, 1))(torch.zeros(1, 3, 32, 32))
 
 
+@pytest.mark.timm_torchvision
 def test_real_timm_vit_layers() -> None:
-    timm = pytest.importorskip("timm")
+    timm = need("timm")
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0
     ).eval()

@@ -10,6 +10,7 @@ two must agree. The padded view, the mask and the packed output are checked agai
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynamic_s2 import MultiScaleFeatures, TilePlan, merge, plan_tiles
+from dynamic_s2.merge import PrefixGuessWarning
 
 SCALE_SETS: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
     ((16,), ("aspect", "nvila")),
@@ -33,6 +35,20 @@ image_sizes = st.one_of(
     st.tuples(st.integers(1, 12), st.integers(150, 300)),
     st.tuples(st.integers(150, 300), st.integers(1, 12)),
 )
+
+
+def merge_checking_guess(feats: torch.Tensor, plans: list[TilePlan], **kwargs: Any) -> Any:
+    """``merge``, asserting that it warns with :class:`PrefixGuessWarning` exactly when the prefix
+    count is guessed (tokens, no ``num_prefix_tokens``) as more than one grid row, ``N - ⌊√N⌋²
+    > ⌊√N⌋``."""
+    n = feats.shape[1]
+    guessed = feats.dim() == 3 and kwargs.get("num_prefix_tokens") is None
+    if guessed and n - math.isqrt(n) ** 2 > math.isqrt(n):
+        with pytest.warns(PrefixGuessWarning, match=f"{n} tokens"):
+            return merge(feats, plans, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrefixGuessWarning)
+        return merge(feats, plans, **kwargs)
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -149,7 +165,7 @@ def test_merge_equals_per_image_loop(case: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = {"output_scale": case["output_scale"], "resample": case["mode"]}
     if case["explicit_prefix"]:
         kwargs["num_prefix_tokens"] = case["prefix"] if case["layout"] == "tokens" else None
-    out = merge(feats, case["plans"], **kwargs)
+    out = merge_checking_guess(feats, case["plans"], **kwargs)
     ref_maps, ref_prefix = ref_merge(
         feats,
         case["plans"],
@@ -190,7 +206,7 @@ def test_half_precision_merge(dtype: torch.dtype, mode: str) -> None:
 def test_merge_gradients_equal_reference(case: dict[str, Any]) -> None:
     feats = make_features(case).detach().requires_grad_(True)
     kwargs = {"output_scale": case["output_scale"], "resample": case["mode"]}
-    out = merge(feats, case["plans"], **kwargs)
+    out = merge_checking_guess(feats, case["plans"], **kwargs)
     ref_maps, ref_prefix = ref_merge(
         feats,
         case["plans"],
@@ -226,7 +242,7 @@ def test_prefix_count_is_inferred_as_n_minus_isqrt_squared(
     n_tokens = side * side + prefix
     feats = torch.rand(plans[0].num_tiles, n_tokens, channels)
     inferred = n_tokens - math.isqrt(n_tokens) ** 2
-    out = merge(feats, plans)
+    out = merge_checking_guess(feats, plans)
     ref_maps, ref_prefix = ref_merge(feats, plans, num_prefix=inferred)
     check_outputs(out, ref_maps, ref_prefix, tolerance(torch.float32))
     if prefix <= 2 * side:  # then the inference recovers the true count

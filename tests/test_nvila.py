@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _deps import need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynamic_s2 import nvila, plan_tiles
 
-Image = pytest.importorskip("PIL.Image")
+Image = need("PIL.Image")
 
 from _nvila_reference import loop_merge, nvila_grid, pack_2x2, pil_preprocess  # noqa: E402
 

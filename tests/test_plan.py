@@ -26,6 +26,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from _deps import need
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -723,7 +724,7 @@ def _valid_twin(value: Any) -> Any:
 
 def test_numpy_sizes_do_not_depend_on_the_cache() -> None:
     """A NumPy integer is either accepted or rejected, whatever the cache holds."""
-    np = pytest.importorskip("numpy")
+    np = need("numpy")
 
     def outcome() -> Any:
         try:

@@ -3,7 +3,9 @@ actor, records unreadable images, resumes; and the one reader over both folder f
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -13,12 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _deps import need
 
-ray = pytest.importorskip("ray")
-pq = pytest.importorskip("pyarrow.parquet")
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+ray = need("ray")
+pq = need("pyarrow.parquet")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 from dynamic_s2 import TilePlan  # noqa: E402
 from dynamic_s2.cli import main  # noqa: E402
@@ -188,6 +191,77 @@ def test_reader_indexing(killed_run: SimpleNamespace) -> None:
         data[107]
     with pytest.raises(TypeError, match="index"):
         data[1.5]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("folder", ["out", "ref"])  # Parquet, safetensors
+def test_reader_keys_as_the_user_passed_them(
+    killed_run: SimpleNamespace, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key is the path the user gave: absolute, relative to the current directory, with ``./``
+    or ``..``, a ``Path``; all find the one stored (absolute) key, in both formats."""
+    data = open_features(getattr(killed_run, folder))
+    generated = killed_run.generated
+    stored = next(k for k in data.keys if Path(k).parent == generated)
+    position, name = data.keys.index(stored), Path(stored).name
+    monkeypatch.chdir(generated.parent)
+    relative = Path(generated.name) / name
+    given = [str(generated / name), str(relative), relative, f"./{relative}",
+             f"{generated.name}/../{generated.name}/{name}"]  # fmt: skip
+    for key in given:
+        assert key in data and data.index(key) == position, key
+        assert data[key].key == stored
+    assert "missing.png" not in data and 3 not in data
+    with pytest.raises(KeyError, match=r"'generated/missing\.png' is not in"):
+        data[f"{generated.name}/missing.png"]
+
+
+def test_ray_logs_are_quiet_unless_verbose() -> None:
+    """Records of Ray Data's loggers reach a console at WARNING and above only, without the
+    false "no available CPUs ... will hang" alarm; verbose lets INFO through; afterwards the
+    handlers are as they were."""
+    from dynamic_s2.ray import _ray_logs
+
+    stream = io.StringIO()
+    console = logging.StreamHandler(stream)
+    parent, child = logging.getLogger("ray.data"), logging.getLogger("ray.data.dataset")
+    parent.addHandler(console)
+    level = parent.level
+    parent.setLevel(logging.DEBUG)
+    alarm = "Warning: The Ray cluster currently does not have any available CPUs. It will hang"
+    try:
+        with _ray_logs(verbose=False):
+            child.info("execution started")
+            child.warning(alarm)
+            child.warning("a real warning")
+        quiet = stream.getvalue()
+        with _ray_logs(verbose=True):
+            child.info("execution started")
+        loud = stream.getvalue()[len(quiet) :]
+        child.info("after the job")
+        after = stream.getvalue()[len(quiet) + len(loud) :]
+    finally:
+        parent.removeHandler(console)
+        parent.setLevel(level)
+    assert quiet == "a real warning\n"
+    assert loud == "execution started\n" and after == "after the job\n"
+
+
+def test_cli_summary_names_the_parquet_folder(
+    cluster: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A good run prints our summary, naming the Parquet folder, and no alarm."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "teal")):
+        Image.new("RGB", (40 + 10 * i, 60), colour).save(images / f"{colour}.png")
+    out = tmp_path / "out"
+    args = ["extract", str(images), "--out", str(out), "--engine", "ray", "--scales", "32",
+            "--backbone", "efficientnet-lite0", "--no-progress"]  # fmt: skip
+    capfd.readouterr()
+    assert main(args) == 0
+    printed = capfd.readouterr()
+    assert f"Parquet folder: {out / 'parquet'}" in printed.out and "manifest" not in printed.out
+    assert "available CPUs" not in printed.out + printed.err
 
 
 def test_rerun_resumes_new_changed_and_failed_images(cluster: None, tmp_path: Path) -> None:

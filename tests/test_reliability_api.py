@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _deps import need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,7 @@ from dynamic_s2.backbones import load_backbone
 from dynamic_s2.merge import PrefixGuessWarning
 from dynamic_s2.plan import MAX_TILES, _nvila_candidates
 
-transformers = pytest.importorskip("transformers")
+transformers = need("transformers")
 
 SCALES = (32, 64)
 IMAGES = [torch.rand(3, 40, 56), torch.rand(3, 64, 30)]
@@ -267,7 +268,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_reports_a_missing_model_and_an_unwritable_folder_cleanly(tmp_path: Path) -> None:
-    Image = pytest.importorskip("PIL.Image")
+    Image = need("PIL.Image")
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
     done = _cli("extract", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                 "--backbone", "hf:/missing", "--scales", "224", "--no-progress")  # fmt: skip
@@ -333,8 +334,8 @@ def test_nvila_refuses_a_numpy_array_that_may_be_channels_first() -> None:
 
 
 def test_exif_orientation_nvila_keeps_stored_extract_honours(tmp_path: Path) -> None:
-    Image = pytest.importorskip("PIL.Image")
-    ImageOps = pytest.importorskip("PIL.ImageOps")
+    Image = need("PIL.Image")
+    ImageOps = need("PIL.ImageOps")
     from dynamic_s2.extract import read_image
 
     exif = Image.Exif()

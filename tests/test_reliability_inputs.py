@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _deps import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dynamic_s2.extract import extract, find_images, read_image
 
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 POOL = torch.nn.AvgPool2d(8)
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynamic_s2 import store
 from dynamic_s2.extract import extract, load_features, read_manifest
 
-Image = pytest.importorskip("PIL.Image")
-pytest.importorskip("safetensors")
-pytest.importorskip("tqdm")
+Image = need("PIL.Image")
+need("safetensors")
+need("tqdm")
 
 SCALES = (32, 64)
 POOL = torch.nn.AvgPool2d(8)  # [T, 3, 32, 32] -> [T, 3, 4, 4] maps

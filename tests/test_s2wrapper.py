@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _deps import need
 from _s2_reference import reference_forward
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -422,7 +423,7 @@ def test_llava_s2_tower() -> None:
 
 
 def test_hf_clip_vision_model_forward_features() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     config = transformers.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _deps import need
 
 import dynamic_s2
 from dynamic_s2 import (
@@ -2351,8 +2352,9 @@ def test_non_contiguous_and_channels_last() -> None:
 
 def test_non_contiguous_tile_features() -> None:
     feats = torch.randn(8, T_TOTAL, 4).transpose(0, 1)  # [T, C, N] memory, [T, N, C] view
-    out = merge(feats, PLANS)
-    torch.testing.assert_close(out.tokens, merge(feats.contiguous(), PLANS).tokens)
+    out = merge(feats, PLANS, num_prefix_tokens=4)  # 8 tokens: 4 prefix tokens and a 2×2 grid
+    expected = merge(feats.contiguous(), PLANS, num_prefix_tokens=4)
+    torch.testing.assert_close(out.tokens, expected.tokens)
 
 
 @pytest.mark.parametrize(
@@ -2402,7 +2404,7 @@ def test_backbone_with_register_tokens_callable() -> None:
 
 
 def test_backbone_with_register_tokens_hf() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     config = transformers.Dinov2WithRegistersConfig(
         image_size=32,
         patch_size=8,
