@@ -20,6 +20,7 @@ from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge, check_plan_list
 from .options import S2Options, default_scales, make_options
 from .plan import TilePlan
+from .seams import drop_halo, encode_canvases, image_groups
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
 __all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
@@ -54,9 +55,10 @@ def _check_plan_agrees(i: int, plan: TilePlan, opts: S2Options, given: Mapping[s
     would otherwise be silently ignored."""
     made = {
         "scales": tuple(sp.scale for sp in plan.scales),
-        "tile_size": plan.tile_size,
+        "tile_size": plan.input_size if opts.halo_tiles == "fixed" else plan.tile_size,
         "policy": plan.policy,
         "fit": plan.fit,
+        "halo": plan.halo,
     }
     for name, value in given.items():
         if value is None:
@@ -195,8 +197,16 @@ def _run(
     chunk, multiple = check_chunking(opts.max_batch_tiles, opts.pad_to_multiple)
 
     def combine(features: torch.Tensor, part: Sequence[TilePlan]) -> MultiScaleFeatures:
-        return _merge(features, part, out_index, opts.resample, opts.num_prefix_tokens, opts.pack)
+        features, prefix = drop_halo(features, part, opts.num_prefix_tokens)
+        return _merge(features, part, out_index, opts.resample, prefix, opts.pack)
 
+    if opts.canvas:  # one backbone pass per canvas, in runs of whole images
+        return MultiScaleFeatures.cat(
+            [
+                combine(encode_canvases(backbone, tiles(a, b), plans[a:b], chunk), plans[a:b])
+                for a, b in image_groups(plans, chunk)
+            ]
+        )
     if chunk is None:  # everything in one backbone call
         return combine(_encode(backbone, tiles(0, len(plans)), None, multiple), plans)
     return MultiScaleFeatures.cat(list(_stream(backbone, plans, chunk, multiple, tiles, combine)))

@@ -18,6 +18,11 @@ Two fits:
   aspect ratio.
 * ``"pad"``: the image keeps its aspect ratio, is resized to the largest size that fits the canvas
   and sits at the top-left; the rest is padding that later stages mask out.
+
+A ``halo`` (pixels) makes tiles overlap: every tile is cut with ``halo`` pixels of its neighbours
+on each side, and the features of those halo cells are dropped before stitching (see
+:mod:`dynamic_s2.seams`). The plan's ``tile_size`` is then the *stride* (the interior each tile
+contributes) and :attr:`TilePlan.input_size` the side of the cut tile, ``tile_size + 2·halo``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ __all__ = [
     "ASPECT_AREA_PRICE_UP",
     "ASPECT_TILE_PRICE",
     "MAX_TILES",
+    "HALO_TILES",
+    "MAX_CAPPED_STRETCH",
     "Fit",
+    "HaloTiles",
     "Policy",
     "ScalePlan",
     "TilePlan",
@@ -51,9 +59,19 @@ __all__ = [
 
 Policy = Literal["aspect", "nvila"]
 Fit = Literal["stretch", "pad"]
+HaloTiles = Literal["fixed", "enlarged"]
 
 POLICIES: tuple[str, ...] = ("aspect", "nvila")
 FITS: tuple[str, ...] = ("stretch", "pad")
+
+#: How a ``halo`` changes the tiles: ``"fixed"`` keeps the tile (the backbone's input) at
+#: ``tile_size`` and shrinks the stride to ``tile_size − 2·halo`` (more tiles); ``"enlarged"``
+#: keeps the stride (and the grids) at ``tile_size`` and cuts tiles of ``tile_size + 2·halo``.
+HALO_TILES: tuple[str, ...] = ("fixed", "enlarged")
+
+#: Under ``fit="stretch"`` with ``max_upscale``, a scale whose capped grid has an aspect error
+#: (:func:`grid_aspect_error`) above this is padded instead of stretched (see :func:`plan_tiles`).
+MAX_CAPPED_STRETCH: float = 0.15
 
 #: Price, under the ``"aspect"`` policy, of a grid whose tile count ``n`` exceeds the scale's target
 #: ``k²``: ``ASPECT_AREA_PRICE_UP · log(n / k²)``, in the units of the misfit (log aspect error).
@@ -91,7 +109,10 @@ class ScalePlan:
         grid: ``(rows, cols)`` of tiles.
         tile_size: side of one square tile, in pixels.
         content_size: ``(h, w)`` of the resized image inside the canvas, at its top-left corner.
-            Equals :attr:`canvas_size` under ``fit="stretch"``.
+            Equals :attr:`canvas_size` under ``fit="stretch"`` (unless ``max_upscale`` made the
+            scale fall back to padding, see :func:`plan_tiles`).
+        halo: pixels of the neighbouring image every tile is cut with on each side (0: none).
+            ``tile_size`` is then the stride between tiles; every tile is ``input_size`` wide.
 
     Examples:
         >>> sp = plan_tiles(600, 1000, (448, 896, 1344)).scales[-1]
@@ -105,6 +126,12 @@ class ScalePlan:
     grid: tuple[int, int]
     tile_size: int
     content_size: tuple[int, int]
+    halo: int = 0
+
+    @property
+    def input_size(self) -> int:
+        """Side of every cut tile, what the backbone sees: ``tile_size + 2·halo``."""
+        return self.tile_size + 2 * self.halo
 
     @property
     def canvas_size(self) -> tuple[int, int]:
@@ -123,7 +150,10 @@ class ScalePlan:
         return 1.0 - (self.content_size[0] * self.content_size[1]) / (ch * cw)
 
     def tile_offsets(self) -> tuple[tuple[int, int], ...]:
-        """Top-left ``(y, x)`` pixel offset of every tile in the canvas, in row-major order."""
+        """Top-left ``(y, x)`` pixel offset of every tile's interior in the canvas, row-major.
+
+        A tile is cut from ``halo`` pixels above and left of its offset, ``input_size`` wide.
+        """
         t = self.tile_size
         rows, cols = self.grid
         return tuple((i * t, j * t) for i in range(rows) for j in range(cols))
@@ -132,7 +162,8 @@ class ScalePlan:
         """Valid ``(h, w)`` of the stitched feature map when each tile yields ``n × n`` features.
 
         The stitched map is ``(rows·n, cols·n)``; under ``fit="pad"`` only the cells that overlap
-        the content are kept (``ceil(content · n / tile_size)`` per axis).
+        the content are kept (``ceil(content · n / tile_size)`` per axis). With a halo, ``n`` is
+        the side of a tile's interior features (see :meth:`interior`).
 
         Examples:
             >>> sp = plan_tiles(300, 1000, (448,), fit="pad").scales[0]
@@ -146,6 +177,37 @@ class ScalePlan:
             -(-self.content_size[1] * n // t),
         )
 
+    def interior(self, tokens_per_side: int) -> tuple[int, int]:
+        """``(halo cells, interior side)`` of a tile whose backbone output is ``n × n`` cells.
+
+        The one place where a halo in pixels becomes cells: a cell is ``input_size / n`` pixels,
+        and the halo and the stride must both be whole cells (the backbone's patch or stride).
+
+        Raises:
+            ValueError: the halo or the stride does not fall on the backbone's cell boundaries.
+
+        Examples:
+            >>> sp = plan_tiles(224, 224, (224,), halo=64).scales[0]
+            >>> sp.tile_size, sp.input_size, sp.interior(7)   # a stride-32 ConvNet: 7×7 cells
+            (96, 224, (2, 3))
+            >>> sp.interior(16)
+            Traceback (most recent call last):
+                ...
+            ValueError: halo=64 px is not on the backbone's cell boundaries: ...
+        """
+        n = _checks.positive_int("tokens_per_side", tokens_per_side)
+        if self.halo == 0:
+            return 0, n
+        cell, rest = divmod(self.input_size, n)
+        if rest or self.halo % cell or self.tile_size % cell:
+            raise ValueError(
+                f"halo={self.halo} px is not on the backbone's cell boundaries: its {n}×{n} "
+                f"outputs per {self.input_size}-px tile make cells of {self.input_size / n:g} px; "
+                "the halo and the stride (tile_size - 2·halo, or tile_size when enlarged) must be "
+                "multiples of the cell (the backbone's patch size or stride)"
+            )
+        return self.halo // cell, self.tile_size // cell
+
     def transpose(self) -> ScalePlan:
         """The same plan for the transposed image (rows and cols swapped)."""
         return ScalePlan(
@@ -153,6 +215,7 @@ class ScalePlan:
             (self.grid[1], self.grid[0]),
             self.tile_size,
             (self.content_size[1], self.content_size[0]),
+            self.halo,
         )
 
 
@@ -170,6 +233,8 @@ class TilePlan:
         policy: the policy that chose the grids.
         fit: ``"stretch"`` or ``"pad"``.
         max_upscale: the ``max_upscale`` the plan was made under (``None``: no limit).
+        halo: pixels of their neighbours the tiles are cut with (see :class:`ScalePlan`);
+            ``tile_size`` is then the stride and :attr:`input_size` the side of every tile.
 
     Examples:
         >>> import json
@@ -186,6 +251,12 @@ class TilePlan:
     policy: str = "aspect"
     fit: str = "stretch"
     max_upscale: float | None = None
+    halo: int = 0
+
+    @property
+    def input_size(self) -> int:
+        """Side of every cut tile, what the backbone sees: ``tile_size + 2·halo``."""
+        return self.tile_size + 2 * self.halo
 
     @property
     def num_tiles(self) -> int:
@@ -232,14 +303,17 @@ class TilePlan:
             self.policy,
             self.fit,
             self.max_upscale,
+            self.halo,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan.
 
-        ``max_upscale`` is written only when the plan has one.
+        ``max_upscale`` and ``halo`` are written only when the plan has them.
         """
         limit = {} if self.max_upscale is None else {"max_upscale": self.max_upscale}
+        if self.halo:
+            limit["halo"] = self.halo
         return {
             "image_size": list(self.image_size),
             "tile_size": self.tile_size,
@@ -273,6 +347,8 @@ class TilePlan:
             )
         image_size = _checks.int_pair("image_size", data["image_size"])
         tile = _checks.positive_int("tile_size", data["tile_size"])
+        halo = _checks.non_negative_int("halo", data.get("halo", 0))
+        upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
         policy = data.get("policy", "aspect")
         fit = data.get("fit", "stretch")
         if policy not in POLICIES:
@@ -293,6 +369,7 @@ class TilePlan:
                 _checks.int_pair(f"scales[{i}].grid", entry["grid"]),
                 tile,
                 _checks.int_pair(f"scales[{i}].content_size", entry["content_size"]),
+                halo,
             )
             if sp.num_tiles > MAX_TILES:
                 raise ValueError(
@@ -304,7 +381,10 @@ class TilePlan:
                 raise ValueError(
                     f"scales[{i}].content_size {sp.content_size} exceeds the canvas {(ch, cw)}"
                 )
-            if fit == "stretch" and sp.content_size != (ch, cw):
+            fallback = upscale is not None and sp.content_size == _content_size(
+                *image_size, sp.grid, tile, "pad"
+            )  # max_upscale's fallback to padding
+            if fit == "stretch" and sp.content_size != (ch, cw) and not fallback:
                 raise ValueError(
                     f"scales[{i}].content_size {sp.content_size} must equal the canvas {(ch, cw)} "
                     "under fit='stretch'"
@@ -316,10 +396,11 @@ class TilePlan:
             raise ValueError(
                 f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
             )
-        upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
         if policy == "nvila" and upscale is None:  # max_upscale departs from NVILA's rule
             _check_nvila_rule(scales)
-        return cls(image_size, tile, tuple(scales), policy, fit, upscale)
+        if halo and policy == "nvila":
+            raise ValueError(f"a policy='nvila' plan has no halo (NVILA's tiles), got halo={halo}")
+        return cls(image_size, tile, tuple(scales), policy, fit, upscale, halo)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -364,6 +445,51 @@ def check_settings(
     return sc, t, caps
 
 
+def tile_price_factor(stride: int, halo: int, halo_tiles: str) -> float:
+    """What a tile's price is multiplied by: the share of its pixels that is interior,
+    ``(stride / (stride + 2·halo))²``, for ``"fixed"`` tiles, else 1.
+
+    Fixed-size halo tiles cover less of the image each; pricing them by the area they cover keeps
+    the plan at the scale's resolution (more, smaller tiles) instead of shrinking the canvas.
+
+    Examples:
+        >>> tile_price_factor(96, 64, "fixed"), tile_price_factor(224, 64, "enlarged")
+        (0.18367346938775508, 1.0)
+    """
+    return (stride / (stride + 2 * halo)) ** 2 if halo_tiles == "fixed" else 1.0
+
+
+def check_halo(tile: int, halo: Any, halo_tiles: Any, policy: str) -> tuple[int, int]:
+    """Validate ``halo`` and ``halo_tiles`` for tiles of ``tile`` px; return ``(stride, halo)``.
+
+    The stride is the plan's ``tile_size``: ``tile - 2·halo`` for ``"fixed"`` tiles, ``tile``
+    for ``"enlarged"`` ones.
+
+    Examples:
+        >>> check_halo(224, 64, "fixed", "aspect"), check_halo(224, 64, "enlarged", "aspect")
+        ((96, 64), (224, 64))
+        >>> check_halo(224, 112, "fixed", "aspect")
+        Traceback (most recent call last):
+            ...
+        ValueError: halo=112 leaves no interior in a 224-px tile: ...
+    """
+    h = _checks.non_negative_int("halo", halo)
+    mode = _checks.one_of("halo_tiles", halo_tiles, HALO_TILES)
+    if h and policy == "nvila":
+        raise ValueError(
+            f"halo={h} is not available under policy='nvila', which reproduces NVILA's tiles: "
+            "use policy='aspect'"
+        )
+    if mode == "enlarged":
+        return tile, h
+    if 2 * h >= tile:
+        raise ValueError(
+            f"halo={h} leaves no interior in a {tile}-px tile: with halo_tiles='fixed' the stride "
+            f"is tile_size - 2·halo, so halo must be below {(tile + 1) // 2}"
+        )
+    return tile - 2 * h, h
+
+
 # --------------------------------------------------------------------------------------- public
 
 
@@ -377,6 +503,8 @@ def plan_tiles(
     policy: Policy = "aspect",
     fit: Fit = "stretch",
     max_upscale: float | None = None,
+    halo: int = 0,
+    halo_tiles: HaloTiles = "fixed",
 ) -> TilePlan:
     """Choose a tile grid for every scale of an image of size ``height × width``.
 
@@ -398,6 +526,21 @@ def plan_tiles(
             and ``cols ≤ max(1, ⌊max_upscale·w / t⌋)``. A plan already inside the limit is kept;
             otherwise the policy's rule runs again on the grids inside the limit with, at every
             scale, at most as many tiles as the unlimited plan, so small images get fewer tiles.
+            Under ``fit="stretch"``, a scale of a limited plan whose grid has an aspect error
+            (:func:`grid_aspect_error`) above :data:`MAX_CAPPED_STRETCH` keeps the image's aspect
+            and pads instead of stretching: no limited plan stretches the image by more than
+            that (a 160×40 image on one tile is padded, not stretched 4:1).
+        halo: pixels of the neighbouring image cut into every tile on each side (default 0);
+            their features are dropped before stitching, so every output cell comes from a tile
+            in which it is interior. At the canvas border the halo is padding (the pad value).
+            Under ``policy="aspect"`` only.
+        halo_tiles: ``"fixed"`` (default): tiles stay ``tile_size`` (a ViT at its native size)
+            and the stride shrinks to ``tile_size − 2·halo``, so the grids have more tiles;
+            ``"enlarged"``: the stride stays ``tile_size`` (same grids) and tiles are cut at
+            ``tile_size + 2·halo`` (backbones that take any input size). The plan's
+            ``tile_size`` is the stride either way, :attr:`TilePlan.input_size` the tile.
+            Fixed tiles are priced by the area they cover (:func:`tile_price_factor`), so the
+            canvases keep the scale's size.
 
     The ``"aspect"`` policy chooses the grids of all scales together. With ``k = s / tile_size``
     the target of scale ``s`` is ``k²`` tiles, and a grid of ``n = rows·cols`` tiles costs
@@ -430,6 +573,11 @@ def plan_tiles(
         [(1, 1), (2, 2), (3, 4)]
         >>> plan_tiles(64, 64, (448, 896, 1344), max_upscale=2.0).grids
         ((1, 1), (1, 1), (1, 1))
+        >>> [sp.content_size for sp in plan_tiles(160, 40, (224, 448), max_upscale=2.0).scales]
+        [(224, 56), (224, 56)]
+        >>> p = plan_tiles(480, 640, (224, 448), halo=32)
+        >>> p.tile_size, p.input_size, p.grids
+        (160, 224, ((2, 2), (3, 4)))
         >>> plan_tiles(1080, 1920, (1, 2))
         Traceback (most recent call last):
             ...
@@ -455,9 +603,15 @@ def plan_tiles(
         and type(policy) is str
         and type(fit) is str
         and (max_upscale is None or type(max_upscale) in (int, float))
+        and type(halo) is int
+        and type(halo_tiles) is str
     ):
-        return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
-    return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
+        return _plan_cached(
+            height, width, scales, tile_size, max_tiles, policy, fit, max_upscale, halo, halo_tiles
+        )
+    return _plan_uncached(
+        height, width, scales, tile_size, max_tiles, policy, fit, max_upscale, halo, halo_tiles
+    )
 
 
 def _plan_uncached(
@@ -469,13 +623,17 @@ def _plan_uncached(
     policy: Any,
     fit: Any,
     max_upscale: Any = None,
+    halo: Any = 0,
+    halo_tiles: Any = "fixed",
     tile_price: float | None = None,
 ) -> TilePlan:
     h = _checks.positive_int("height", height)
     w = _checks.positive_int("width", width)
-    sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
+    sc, tile, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
+    t, halo_px = check_halo(tile, halo, halo_tiles, policy)
     upscale = _checks.optional(_checks.positive_number, "max_upscale", max_upscale)
     price = ASPECT_TILE_PRICE if tile_price is None else tile_price
+    price *= tile_price_factor(t, halo_px, halo_tiles)
     if policy == "nvila":
         grids = nvila_grids(h, w, sc, t, caps)
     else:
@@ -493,7 +651,7 @@ def _plan_uncached(
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
                 prices = _prices(price)
                 grids = aspect_dp(aspect_tables(h, w, sc, t, capped, fit, limit, prices), prices)
-    return _make_plan(h, w, sc, t, grids, policy, fit, upscale)
+    return _make_plan(h, w, sc, t, grids, policy, fit, upscale, halo_px)
 
 
 def _make_plan(
@@ -505,18 +663,29 @@ def _make_plan(
     policy: str,
     fit: str,
     upscale: float | None,
+    halo: int = 0,
 ) -> TilePlan:
     return TilePlan(
         (h, w),
         t,
         tuple(
-            ScalePlan(s, g, t, _content_size(h, w, g, t, fit))
+            ScalePlan(s, g, t, _content_size(h, w, g, t, _scale_fit(h, w, g, fit, upscale)), halo)
             for s, g in zip(sc, grids, strict=True)
         ),
         policy,
         fit,
         upscale,
+        halo,
     )
+
+
+def _scale_fit(h: int, w: int, grid: tuple[int, int], fit: str, upscale: float | None) -> str:
+    """The fit of one scale: ``fit``, except that a ``max_upscale`` plan pads a scale whose grid
+    would stretch the image by more than :data:`MAX_CAPPED_STRETCH`."""
+    if upscale is not None and fit == "stretch":
+        if grid_aspect_error(h, w, grid) > MAX_CAPPED_STRETCH:
+            return "pad"
+    return fit
 
 
 def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
