@@ -236,7 +236,14 @@ def price_ladder(plan: TilePlan, tile_prices: Sequence[float]) -> list[TilePlan]
     tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
     return [
         _plan._make_plan(
-            h, w, sc, t, aspect_dp(tables, _plan._prices(p)), "aspect", plan.fit, max_upscale,
+            h,
+            w,
+            sc,
+            t,
+            aspect_dp(tables, _plan._prices(p)),
+            "aspect",
+            plan.fit,
+            max_upscale,
             plan.halo,
         )
         for p in tile_prices

@@ -230,7 +230,7 @@ class S2Options:
             checked = _CHECKS.get(f.name, _keep)(f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, checked)
         if self.scales is not None:
-            sc, tile, _ = check_settings(
+            _, tile, _ = check_settings(
                 self.scales, self.tile_size, self.max_tiles, self.policy, self.fit
             )
             check_halo(tile, self.halo, self.halo_tiles, self.policy)

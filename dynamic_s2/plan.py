@@ -44,9 +44,9 @@ __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
     "ASPECT_AREA_PRICE_UP",
     "ASPECT_TILE_PRICE",
-    "MAX_TILES",
     "HALO_TILES",
     "MAX_CAPPED_STRETCH",
+    "MAX_TILES",
     "Fit",
     "HaloTiles",
     "Policy",
@@ -682,9 +682,12 @@ def _make_plan(
 def _scale_fit(h: int, w: int, grid: tuple[int, int], fit: str, upscale: float | None) -> str:
     """The fit of one scale: ``fit``, except that a ``max_upscale`` plan pads a scale whose grid
     would stretch the image by more than :data:`MAX_CAPPED_STRETCH`."""
-    if upscale is not None and fit == "stretch":
-        if grid_aspect_error(h, w, grid) > MAX_CAPPED_STRETCH:
-            return "pad"
+    if (
+        upscale is not None
+        and fit == "stretch"
+        and grid_aspect_error(h, w, grid) > MAX_CAPPED_STRETCH
+    ):
+        return "pad"
     return fit
 
 

@@ -306,9 +306,10 @@ def check_plans(plans: object, images: Sequence[torch.Tensor]) -> tuple[TilePlan
                 f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] is "
                 f"{(img.shape[-2], img.shape[-1])} (h, w)"
             )
-    tiles = {(p.tile_size, p.halo) for p in plans}
-    if len(tiles) > 1:
-        raise ValueError(f"plans must share one tile_size and halo, got {sorted(tiles)}")
+    for name in ("tile_size", "halo"):
+        values = {getattr(p, name) for p in plans}
+        if len(values) > 1:
+            raise ValueError(f"plans must share one {name}, got {sorted(values)}")
     return tuple(plans)
 
 
@@ -354,7 +355,8 @@ def tile_images(
     False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
     tiles. With a ``halo`` in the plans, the canvas is padded by ``halo`` pixels of ``pad_value``
     on every side and tiles of ``plan.input_size`` are cut every ``plan.tile_size`` pixels, so
-    neighbouring tiles overlap by ``2·halo``. Output dtype: float32 for uint8 input, the input dtype otherwise; on the input device.
+    neighbouring tiles overlap by ``2·halo``. Output dtype: float32 for uint8 input, the input
+    dtype otherwise; on the input device.
     On the CPU a uint8 image is never widened to float32 whole: it is normalised and resized in
     bands of rows (or columns), with results identical to widening it whole.
 
