@@ -307,7 +307,7 @@ class DynamicS2ImageProcessor(_BaseImageProcessor):
         """Visual tokens of a ``height × width`` image after the merge and ``factor`` packing.
 
         The merged map of an image is the output scale's valid feature grid ``(h, w)``
-        (:meth:`~dynamic_s2.plan.ScalePlan.feature_size`), exactly the size
+        (:meth:`~dynamic_s2.plan.ScalePlan.output_size`: halo cells dropped), exactly the size
         :func:`dynamic_s2.run` gives; packing every ``factor × factor`` block into one token (as
         :func:`dynamic_s2.nvila.pack_tokens`, zero-padding the edges) leaves
         ``ceil(h / factor) · ceil(w / factor)`` tokens. Prefix tokens and the LLM's own tokens
@@ -335,7 +335,7 @@ class DynamicS2ImageProcessor(_BaseImageProcessor):
             )
         f = _checks.positive_int("factor", factor)
         plan = self.plan(height, width, images_kwargs)
-        grid = plan.scales[plan.scale_index(output_scale, "output_scale")].feature_size(n)
+        grid = plan.scales[plan.scale_index(output_scale, "output_scale")].output_size(n)
         th, tw = packed_size(grid, f)
         return th * tw
 

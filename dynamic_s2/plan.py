@@ -177,6 +177,17 @@ class ScalePlan:
             -(-self.content_size[1] * n // t),
         )
 
+    def output_size(self, tokens_per_side: int) -> tuple[int, int]:
+        """Valid ``(h, w)`` of the stitched map when the backbone makes ``n × n`` cells per cut
+        tile: :meth:`feature_size` of the interior cells (the halo's are dropped).
+
+        Examples:
+            >>> sp = plan_tiles(224, 224, (224,), halo=64).scales[0]
+            >>> sp.grid, sp.output_size(7)
+            ((2, 2), (6, 6))
+        """
+        return self.feature_size(self.interior(tokens_per_side)[1])
+
     def interior(self, tokens_per_side: int) -> tuple[int, int]:
         """``(halo cells, interior side)`` of a tile whose backbone output is ``n × n`` cells.
 
