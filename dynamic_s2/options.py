@@ -12,7 +12,7 @@ Examples:
     >>> opts.scales, opts.policy, opts.max_batch_tiles
     ((448, 896), 'aspect', 16)
     >>> sorted(stage_fields("encode"))
-    ['feature_layer', 'max_batch_tiles', 'pad_to_multiple']
+    ['canvas', 'feature_layer', 'max_batch_tiles', 'pad_to_multiple']
     >>> S2Options(policy="square")
     Traceback (most recent call last):
         ...
@@ -390,8 +390,10 @@ def stage_fields(*stages: str, cls: type[S2Options] | None = None) -> list[str]:
     """Names of the options read by ``stages`` (all stages when none is named).
 
     Examples:
-        >>> stage_fields("plan")
+        >>> stage_fields("plan")[:7]
         ['scales', 'tile_size', 'max_tiles', 'max_upscale', 'tile_budget', 'policy', 'fit']
+        >>> stage_fields("plan")[7:]
+        ['halo', 'halo_tiles']
     """
     chosen = stages or STAGES
     return [f.name for f in fields(cls or S2Options) if f.metadata["stage"] in chosen]

@@ -184,7 +184,7 @@ class ScalePlan:
         Examples:
             >>> sp = plan_tiles(224, 224, (224,), halo=64).scales[0]
             >>> sp.grid, sp.output_size(7)
-            ((2, 2), (6, 6))
+            ((3, 3), (9, 9))
         """
         return self.feature_size(self.interior(tokens_per_side)[1])
 

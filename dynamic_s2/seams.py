@@ -52,7 +52,7 @@ def drop_halo(
         >>> maps = torch.rand(plan.num_tiles, 5, 4, 4)  # 8-px cells: 1 halo cell per side
         >>> out, prefix = drop_halo(maps, [plan])
         >>> out.shape, prefix, torch.equal(out, maps[:, :, 1:3, 1:3])
-        (torch.Size([16, 5, 2, 2]), None, True)
+        (torch.Size([4, 5, 2, 2]), None, True)
     """
     halo = plans[0].halo
     if halo == 0:
