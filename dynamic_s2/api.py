@@ -22,6 +22,7 @@ from .encode import _encode, check_chunk_shape, check_chunking
 from .merge import MultiScaleFeatures, _merge, check_plan_list
 from .options import S2Options, default_scales, make_options, stage_fields
 from .plan import TilePlan, shared_tiles
+from .seams import drop_halo, encode_canvases, image_groups
 from .tiling import TileBatch, _affine, _tile, check_images, check_plans
 
 __all__ = ["DynamicS2", "default_scales", "forward", "prepare", "run"]
@@ -65,9 +66,10 @@ def _check_plan_agrees(
     multi-image mode, chosen per image) agrees with any policy and cap."""
     made = {
         "scales": tuple(sp.scale for sp in plan.scales),
-        "tile_size": plan.tile_size,
+        "tile_size": plan.input_size if opts.halo_tiles == "fixed" else plan.tile_size,
         "policy": plan.policy,
         "fit": plan.fit,
+        "halo": plan.halo,
     }
     single = plan.policy == "single"
     for name, value in given.items():
@@ -103,7 +105,7 @@ def _check_plan_agrees(
 def _check_batch(batch: TileBatch, opts: S2Options, given: Mapping[str, Any]) -> None:
     """``ValueError`` when a prepared batch disagrees with options the caller gave (scales, tile
     size, policy, fit, caps, budget) or its tiles are not the size its plans were made for."""
-    t = batch.plans[0].tile_size
+    t = batch.plans[0].input_size  # the cut tile: tile_size, plus twice the halo
     if tuple(batch.tiles.shape[-2:]) != (t, t):
         raise ValueError(
             f"batch tiles are {tuple(batch.tiles.shape[-2:])} pixels but its plans were made for "
@@ -294,14 +296,22 @@ def _run(
         rows = _rows(sharing[0][a:b], [p.num_tiles for p in plans[a:b]])
         return made.index_select(0, rows.to(made.device))
 
-    def combine(features: torch.Tensor, a: int, b: int) -> MultiScaleFeatures:
+    def combine(features: torch.Tensor, a: int, b: int, shared: bool = True) -> MultiScaleFeatures:
         part = plans[a:b]
-        if sharing is not None:
+        if sharing is not None and shared:  # features of the distinct tiles only
             rows = _rows(sharing[1][a:b], counts[a:b])
             features = features.index_select(0, rows.to(features.device))
-        prefix = _prefix_tokens(features, opts.num_prefix_tokens)
+        declared = _prefix_tokens(features, opts.num_prefix_tokens)
+        features, prefix = drop_halo(features, part, declared)
         return _merge(features, part, out_index, opts.resample, prefix, opts.pack)
 
+    if opts.canvas:  # one backbone pass per canvas, in runs of whole images
+        return MultiScaleFeatures.cat(
+            [
+                combine(encode_canvases(backbone, tiles(a, b), plans[a:b], chunk), a, b, False)
+                for a, b in image_groups(plans, chunk)
+            ]
+        )
     if chunk is None:  # everything in one backbone call
         return combine(_encode(backbone, distinct(0, len(plans)), None, multiple), 0, len(plans))
     parts = _stream(backbone, counts, chunk, multiple, distinct, combine)

@@ -64,8 +64,9 @@ def plan_batch(
         tile_budget: the most tiles the whole batch may have, over all images and scales. It
             must allow one tile per scale per image (under ``policy="nvila"``: NVILA's smallest
             plan per image).
-        **plan_options: ``tile_size``, ``max_tiles``, ``policy``, ``fit`` and ``max_upscale``, as
-            for :func:`~dynamic_s2.plan_tiles`.
+        **plan_options: ``tile_size``, ``max_tiles``, ``policy``, ``fit``, ``max_upscale``,
+            ``halo`` and ``halo_tiles``, as for :func:`~dynamic_s2.plan_tiles`. Every tile counts
+            against the budget, so a ``halo`` with fixed-size tiles (more tiles) is priced in.
 
     Returns:
         One :class:`~dynamic_s2.TilePlan` per image, in the order of ``sizes``. When the
@@ -169,7 +170,10 @@ def _ladder(
             for m in range(top.scales[-1].num_tiles - 1, lowest - 1, -1)
         ]
     else:
-        prices = [_plan.ASPECT_TILE_PRICE * f for f in LADDER_PRICE_FACTORS[1:]]
+        base = _plan.ASPECT_TILE_PRICE * _plan.tile_price_factor(
+            top.tile_size, top.halo, opts.get("halo_tiles", "fixed")
+        )
+        prices = [base * f for f in LADDER_PRICE_FACTORS[1:]]
         plans = [top, *price_ladder(top, prices)]
         counts = [sp.num_tiles for sp in plans[-1].scales]
         plans += [  # below the cheapest plan with distinct counts: caps that repeat counts
@@ -234,7 +238,15 @@ def price_ladder(plan: TilePlan, tile_prices: Sequence[float]) -> list[TilePlan]
     tables = aspect_tables(h, w, sc, t, caps, plan.fit, limit)
     return [
         _plan._make_plan(
-            h, w, sc, t, aspect_dp(tables, _plan._prices(p)), "aspect", plan.fit, max_upscale
+            h,
+            w,
+            sc,
+            t,
+            aspect_dp(tables, _plan._prices(p)),
+            "aspect",
+            plan.fit,
+            max_upscale,
+            plan.halo,
         )
         for p in tile_prices
     ]

@@ -100,13 +100,18 @@ def format_plan(
     """
     h, w = plan.image_size
     header = f"{h}×{w} (h×w), policy {plan.policy}, fit {plan.fit}, tile {plan.tile_size} px"
+    if plan.halo:
+        header = header.replace(
+            f"tile {plan.tile_size} px",
+            f"stride {plan.tile_size} px, {plan.input_size}-px tiles (halo {plan.halo} px)",
+        )
     if name is not None:
         header = f"{name}: {header}"
     columns = ["scale", "grid", "canvas", "content", "tiles"]
     if tokens_per_side is not None:
         columns.append("features")
     rows: list[list[str]] = []
-    for i, sp in enumerate(plan.scales):
+    for sp in plan.scales:
         row = [
             str(sp.scale),
             "{}×{}".format(*sp.grid),
@@ -115,7 +120,7 @@ def format_plan(
             str(sp.num_tiles),
         ]
         if tokens_per_side is not None:
-            row.append("{}×{}".format(*plan.feature_size(i, tokens_per_side)))
+            row.append("{}×{}".format(*sp.output_size(tokens_per_side)))
         rows.append(row)
     total = ["total", "", "", "", str(plan.num_tiles)] + ([""] if tokens_per_side else [])
     widths = [max(len(r[c]) for r in [columns, *rows, total]) for c in range(len(columns))]

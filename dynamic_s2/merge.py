@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import _checks
+from ._fused import pack_maps
 from ._resample import Axis, axis_taps, row_strides, tap_rows, write_image
 from .multiscale import MultiScaleFeatures
 from .plan import TilePlan
@@ -429,8 +430,6 @@ def _merge_packed(
     pack: int,
 ) -> MultiScaleFeatures:
     """``merge(..., pack=k)``: the fused merge-and-pack of :mod:`dynamic_s2._fused`."""
-    from ._fused import pack_maps  # _fused builds on this module
-
     tokens, sizes = pack_maps(maps, list(plans), out_index, pack, resample)
     num_scales = len(plans[0].scales)
     layouts = plan_layouts(plans, maps.shape[1]) if prefix is not None else []

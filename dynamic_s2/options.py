@@ -12,7 +12,7 @@ Examples:
     >>> opts.scales, opts.policy, opts.max_batch_tiles
     ((448, 896), 'aspect', 16)
     >>> sorted(stage_fields("encode"))
-    ['feature_layer', 'max_batch_tiles', 'pad_to_multiple']
+    ['canvas', 'feature_layer', 'max_batch_tiles', 'pad_to_multiple']
     >>> S2Options(policy="square")
     Traceback (most recent call last):
         ...
@@ -31,7 +31,19 @@ from .backbones import Backbone, check_feature_layer, input_channels
 from .budget import plan_batch
 from .encode import check_chunking
 from .merge import RESAMPLE_MODES
-from .plan import FITS, POLICIES, Fit, Policy, TilePlan, check_scales, check_settings, plan_tiles
+from .plan import (
+    FITS,
+    HALO_TILES,
+    POLICIES,
+    Fit,
+    HaloTiles,
+    Policy,
+    TilePlan,
+    check_halo,
+    check_scales,
+    check_settings,
+    plan_tiles,
+)
 
 __all__ = [
     "BATCH_OPTIONS",
@@ -121,6 +133,10 @@ class S2Options:
             DataLoader ``collate_fn`` plans each batch as a whole).
         policy: ``"aspect"`` or ``"nvila"``.
         fit: ``"stretch"`` or ``"pad"``.
+        halo: pixels of their neighbours every tile is cut with, on each side; the halo's
+            features are dropped before stitching (see :func:`~dynamic_s2.plan.plan_tiles`).
+        halo_tiles: ``"fixed"`` (tiles stay ``tile_size``, the stride shrinks: more tiles) or
+            ``"enlarged"`` (same grids, tiles of ``tile_size + 2·halo``).
         mean: normalisation mean, on the ``[0, 1]`` scale (uint8 images are divided by 255, float
             images read as ``[0, 1]``), one number or one per channel.
         std: normalisation std, likewise.
@@ -134,6 +150,9 @@ class S2Options:
         resample: ``"area"`` or ``"bilinear"``.
         num_prefix_tokens: prefix tokens of token outputs; default from the backbone, else
             inferred.
+        canvas: run the backbone once over each scale's whole canvas instead of tile by tile
+            (map backbones only, :attr:`~dynamic_s2.backbones.Backbone.maps`): no seams, equal to
+            calling the backbone on the resized canvas (see :mod:`dynamic_s2.seams`).
         pack: pack every ``k × k`` block of the merged map into one token of ``k²·C_total``
             channels, in the same pass as the merge (NVILA's projector input; see
             :func:`~dynamic_s2.merge.merge`).
@@ -168,6 +187,15 @@ class S2Options:
         "stretch", "plan", "stretch the image to the canvas, or keep its aspect ratio and pad",
         parse=None, choices=FITS,
     )  # fmt: skip
+    halo: int = _option(
+        0, "plan", "pixels of the neighbouring image every tile sees on each side; their "
+        "features are dropped (a multiple of the backbone's patch or stride)", metavar="PX",
+    )  # fmt: skip
+    halo_tiles: HaloTiles = _option(
+        "fixed", "plan", "with a halo: keep tiles at tile_size and shrink the stride (fixed), or "
+        "keep the grid and cut tiles of tile_size + 2*halo (enlarged)",
+        parse=None, choices=HALO_TILES,
+    )  # fmt: skip
     mean: tuple[float, ...] | None = _option(
         None, "tile", "normalisation mean on the [0, 1] scale (default: the backbone's)",
         parse=_float_list, metavar="M[,M,M]",
@@ -190,6 +218,10 @@ class S2Options:
     pad_to_multiple: int | None = _option(
         None, "encode", "pad the last chunk to a multiple of N tiles", config=False
     )
+    canvas: bool = _option(
+        False, "encode", "one backbone pass over each scale's whole canvas, no tiles (map "
+        "backbones: ConvNets)", parse=None, metavar=None,
+    )  # fmt: skip
     output_scale: int = _option(
         -1, "merge", "index of the scale whose grid the output takes (-1: the largest)"
     )
@@ -210,8 +242,18 @@ class S2Options:
             checked = _CHECKS.get(f.name, _keep)(f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, checked)
         if self.scales is not None:
-            check_settings(self.scales, self.tile_size, self.max_tiles, self.policy, self.fit)
+            _, tile, _ = check_settings(
+                self.scales, self.tile_size, self.max_tiles, self.policy, self.fit
+            )
+            check_halo(tile, self.halo, self.halo_tiles, self.policy)
             _checks.index("output_scale", self.output_scale, len(self.scales))
+        elif self.tile_size is not None:
+            check_halo(self.tile_size, self.halo, self.halo_tiles, self.policy)
+        if self.canvas and self.halo:
+            raise ValueError(
+                f"canvas=True runs whole canvases, which have no seams to hide: halo={self.halo} "
+                "has nothing to do; give one or the other"
+            )
         check_chunking(self.max_batch_tiles, self.pad_to_multiple)
 
     def replace(self, **changes: Any) -> S2Options:
@@ -337,6 +379,13 @@ def _check_declarations(backbone: Backbone, opts: S2Options) -> None:
     if len(lengths) > 1 or (channels is not None and lengths and lengths != {channels}):
         expected = f"{channels} values each (the model's channels)" if channels else "one length"
         raise ValueError(f"mean and std need {expected}, got mean={opts.mean!r}, std={opts.std!r}")
+    if opts.canvas and not backbone.maps:
+        raise ValueError(
+            f"canvas=True needs a backbone that takes any input size and returns feature maps "
+            f"(Backbone.maps, e.g. a ConvNet trunk), but {backbone.name!r} does not declare maps: "
+            "use tiles (canvas=False), or wrap a fully convolutional callable as "
+            "Backbone(fn, maps=True)"
+        )
     if opts.num_prefix_tokens and backbone.maps:
         raise ValueError(
             f"num_prefix_tokens={opts.num_prefix_tokens} but backbone {backbone.name!r} returns "
@@ -377,6 +426,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "tile_budget": lambda name, v: _checks.optional(_checks.positive_int, name, v),
     "policy": lambda name, v: _checks.one_of(name, v, POLICIES),
     "fit": lambda name, v: _checks.one_of(name, v, FITS),
+    "halo": lambda name, v: _checks.non_negative_int(name, v),
+    "halo_tiles": lambda name, v: _checks.one_of(name, v, HALO_TILES),
+    "canvas": _checks.boolean,
     "mean": _checks.stats,
     "std": _checks.stats,
     "uint8_resize": _checks.boolean,
@@ -396,8 +448,10 @@ def stage_fields(*stages: str, cls: type[S2Options] | None = None) -> list[str]:
     """Names of the options read by ``stages`` (all stages when none is named).
 
     Examples:
-        >>> stage_fields("plan")
+        >>> stage_fields("plan")[:7]
         ['scales', 'tile_size', 'max_tiles', 'max_upscale', 'tile_budget', 'policy', 'fit']
+        >>> stage_fields("plan")[7:]
+        ['halo', 'halo_tiles']
     """
     chosen = stages or STAGES
     return [f.name for f in fields(cls or S2Options) if f.metadata["stage"] in chosen]

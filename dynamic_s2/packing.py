@@ -38,7 +38,8 @@ def num_image_tokens(
     """Rows the model side makes for an image: its merged map, packed by ``pack``.
 
     The merged map is the output scale's valid feature grid
-    (:meth:`~dynamic_s2.plan.ScalePlan.feature_size`, what :func:`dynamic_s2.merge` gives);
+    (:meth:`~dynamic_s2.plan.ScalePlan.output_size`, what :func:`dynamic_s2.run` gives; with a
+    ``halo`` the halo cells are dropped first);
     ``pack=k`` turns every ``k × k`` block into one row (:func:`packed_size`). This is the count
     every token question of the library answers from (the HF processors' placeholders,
     :func:`dynamic_s2.nvila.num_tokens`), so it cannot differ from what
@@ -46,7 +47,8 @@ def num_image_tokens(
 
     Args:
         plan: the image's plan, made with the batch (under a ``tile_budget`` the batch decides).
-        tokens_per_side: feature cells per tile side (32 for SigLIP-448/14).
+        tokens_per_side: feature cells per tile side the backbone makes (32 for SigLIP-448/14;
+            with a halo, per cut tile).
         pack: the packing block side (NVILA: 2), or ``None`` for no packing.
         output_scale: index of the merge's output scale.
 
@@ -60,7 +62,7 @@ def num_image_tokens(
     """
     if not isinstance(plan, TilePlan):
         raise TypeError(f"plan must be a TilePlan, got {type(plan).__name__}")
-    grid = plan.feature_size(plan.scale_index(output_scale, "output_scale"), tokens_per_side)
+    grid = plan.scales[plan.scale_index(output_scale, "output_scale")].output_size(tokens_per_side)
     k = _checks.optional(_checks.positive_int, "pack", pack)
     rows, cols = grid if k is None else packed_size(grid, k)
     return rows * cols

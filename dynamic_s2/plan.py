@@ -21,30 +21,50 @@ Two fits:
   aspect ratio.
 * ``"pad"``: the image keeps its aspect ratio, is resized to the largest size that fits the canvas
   and sits at the top-left; the rest is padding that later stages mask out.
+
+A ``halo`` (pixels) makes tiles overlap: every tile is cut with ``halo`` pixels of its neighbours
+on each side, and the features of those halo cells are dropped before stitching (see
+:mod:`dynamic_s2.seams`). The plan's ``tile_size`` is then the *stride* (the interior each tile
+contributes) and :attr:`TilePlan.input_size` the side of the cut tile, ``tile_size + 2·halo``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 from . import _checks
 from ._aspect import aspect_dp, aspect_tables
 from ._checks import check_scales as check_scales
 from ._nvila_policy import _nvila_candidates as _nvila_candidates
 from ._nvila_policy import check_nvila_settings, nvila_grids, nvila_limited, nvila_lower_grids
+from ._plan_types import (
+    FITS,
+    HALO_TILES,
+    MAX_TILE_SIZE,
+    MAX_TILES,
+    POLICIES,
+    Fit,
+    HaloTiles,
+    Policy,
+    ScalePlan,
+    TilePlan,
+    _check_tile_size,
+    _content_size,
+)
 
 __all__ = [
     "ASPECT_AREA_PRICE_DOWN",
     "ASPECT_AREA_PRICE_UP",
     "ASPECT_TILE_PRICE",
+    "HALO_TILES",
+    "MAX_CAPPED_STRETCH",
     "MAX_TILES",
     "MAX_TILE_SIZE",
     "Fit",
+    "HaloTiles",
     "Policy",
     "ScalePlan",
     "TilePlan",
@@ -55,11 +75,9 @@ __all__ = [
     "shared_tiles",
 ]
 
-Policy = Literal["aspect", "nvila", "single"]
-Fit = Literal["stretch", "pad"]
-
-POLICIES: tuple[str, ...] = ("aspect", "nvila", "single")
-FITS: tuple[str, ...] = ("stretch", "pad")
+#: Under ``fit="stretch"`` with ``max_upscale``, a scale whose capped grid has an aspect error
+#: (:func:`grid_aspect_error`) above this is padded instead of stretched (see :func:`plan_tiles`).
+MAX_CAPPED_STRETCH: float = 0.15
 
 #: Price, under the ``"aspect"`` policy, of a grid whose tile count ``n`` exceeds the scale's target
 #: ``k²``: ``ASPECT_AREA_PRICE_UP · log(n / k²)``, in the units of the misfit (log aspect error).
@@ -77,298 +95,7 @@ ASPECT_TILE_PRICE: float = 0.02
 #: Default tile cap of the ``"aspect"`` policy, as a multiple of the scale's target tile count k².
 ASPECT_DEFAULT_CAP: float = 3.0
 
-#: The most tiles of one scale: the largest ``max_tiles`` (per scale) and the largest grid
-#: :meth:`TilePlan.from_dict` accepts. Blank or huge plans cost memory like real tiles; no use of
-#: multi-scale tiling comes near (NVILA uses 12, three S2 scales 14 in all).
-MAX_TILES = 1 << 16
-
-#: The largest tile side, in pixels, that planning and :meth:`TilePlan.from_dict` accept. One
-#: float32 RGB tile of this side is 768 MiB; backbones take 224 to 1024 px (NVILA 448).
-MAX_TILE_SIZE = 1 << 13
-
-
-def _pair(value: tuple[int, int]) -> tuple[int, int]:
-    return (int(value[0]), int(value[1]))
-
-
-@dataclass(frozen=True)
-class ScalePlan:
-    """The plan of one scale: grid, canvas and where the resized image sits in it.
-
-    Attributes:
-        scale: the requested scale, in pixels (the side of the square whose area the resized image
-            roughly has).
-        grid: ``(rows, cols)`` of tiles.
-        tile_size: side of one square tile, in pixels.
-        content_size: ``(h, w)`` of the resized image inside the canvas, at its top-left corner.
-            Equals :attr:`canvas_size` under ``fit="stretch"``.
-
-    Examples:
-        >>> sp = plan_tiles(600, 1000, (448, 896, 1344)).scales[-1]
-        >>> sp.grid, sp.canvas_size, sp.num_tiles
-        ((3, 5), (1344, 2240), 15)
-        >>> sp.tile_offsets()[:3]
-        ((0, 0), (0, 448), (0, 896))
-    """
-
-    scale: int
-    grid: tuple[int, int]
-    tile_size: int
-    content_size: tuple[int, int]
-
-    @property
-    def canvas_size(self) -> tuple[int, int]:
-        """``(rows * tile_size, cols * tile_size)``."""
-        return (self.grid[0] * self.tile_size, self.grid[1] * self.tile_size)
-
-    @property
-    def num_tiles(self) -> int:
-        """``rows * cols``."""
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def padded_fraction(self) -> float:
-        """Fraction of the canvas that is padding (0.0 under ``fit="stretch"``)."""
-        ch, cw = self.canvas_size
-        return 1.0 - (self.content_size[0] * self.content_size[1]) / (ch * cw)
-
-    def tile_offsets(self) -> tuple[tuple[int, int], ...]:
-        """Top-left ``(y, x)`` pixel offset of every tile in the canvas, in row-major order."""
-        t = self.tile_size
-        rows, cols = self.grid
-        return tuple((i * t, j * t) for i in range(rows) for j in range(cols))
-
-    def feature_size(self, tokens_per_side: int) -> tuple[int, int]:
-        """Valid ``(h, w)`` of the stitched feature map when each tile yields ``n × n`` features.
-
-        The stitched map is ``(rows·n, cols·n)``; under ``fit="pad"`` only the cells that overlap
-        the content are kept (``ceil(content · n / tile_size)`` per axis).
-
-        Examples:
-            >>> sp = plan_tiles(300, 1000, (448,), fit="pad").scales[0]
-            >>> sp.grid, sp.content_size, sp.feature_size(32)
-            ((1, 3), (403, 1344), (29, 96))
-        """
-        n = _checks.positive_int("tokens_per_side", tokens_per_side)
-        t = self.tile_size
-        return (
-            -(-self.content_size[0] * n // t),
-            -(-self.content_size[1] * n // t),
-        )
-
-    def transpose(self) -> ScalePlan:
-        """The same plan for the transposed image (rows and cols swapped)."""
-        return ScalePlan(
-            self.scale,
-            (self.grid[1], self.grid[0]),
-            self.tile_size,
-            (self.content_size[1], self.content_size[0]),
-        )
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Everything later stages need to tile, encode and merge one image.
-
-    Build it with :func:`plan_tiles`. It is frozen and hashable, and :meth:`to_dict` /
-    :meth:`from_dict` round-trip through JSON.
-
-    Attributes:
-        image_size: ``(h, w)`` of the original image.
-        tile_size: side of the square tiles, in pixels.
-        scales: one :class:`ScalePlan` per scale, in ascending order.
-        policy: the policy that chose the grids.
-        fit: ``"stretch"`` or ``"pad"``.
-        max_upscale: the ``max_upscale`` the plan was made under (``None``: no limit).
-
-    Examples:
-        >>> import json
-        >>> plan = plan_tiles(480, 640, (224, 448, 672))
-        >>> [sp.grid for sp in plan.scales], plan.num_tiles
-        ([(1, 1), (2, 3), (3, 4)], 19)
-        >>> TilePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-        True
-    """
-
-    image_size: tuple[int, int]
-    tile_size: int
-    scales: tuple[ScalePlan, ...]
-    policy: str = "aspect"
-    fit: str = "stretch"
-    max_upscale: float | None = None
-
-    @property
-    def num_tiles(self) -> int:
-        """Total number of tiles over all scales."""
-        return sum(sp.num_tiles for sp in self.scales)
-
-    @property
-    def num_scales(self) -> int:
-        """Number of scales."""
-        return len(self.scales)
-
-    @property
-    def grids(self) -> tuple[tuple[int, int], ...]:
-        """``(rows, cols)`` of every scale."""
-        return tuple(sp.grid for sp in self.scales)
-
-    def feature_size(self, index: int, tokens_per_side: int) -> tuple[int, int]:
-        """Valid feature ``(h, w)`` of scale ``index`` (negative indices allowed).
-
-        Examples:
-            >>> plan_tiles(480, 640, (224, 448)).feature_size(-1, 16)
-            (32, 48)
-        """
-        return self.scales[self.scale_index(index)].feature_size(tokens_per_side)
-
-    def scale_index(self, index: int, name: str = "scale index") -> int:
-        """Normalise a (possibly negative) scale index, raising ``ValueError`` when out of range.
-
-        ``name`` is the argument named in the error message.
-        """
-        n = len(self.scales)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"{name} must be an int, got {index!r}")
-        if not -n <= index < n:
-            raise ValueError(f"{name}={index} is out of range for plans with {n} scales")
-        return index % n
-
-    def transpose(self) -> TilePlan:
-        """The plan of the transposed image: every grid and size with rows and cols swapped."""
-        return TilePlan(
-            (self.image_size[1], self.image_size[0]),
-            self.tile_size,
-            tuple(sp.transpose() for sp in self.scales),
-            self.policy,
-            self.fit,
-            self.max_upscale,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict; :meth:`from_dict` rebuilds an equal plan.
-
-        ``max_upscale`` is written only when the plan has one.
-        """
-        limit = {} if self.max_upscale is None else {"max_upscale": self.max_upscale}
-        return {
-            "image_size": list(self.image_size),
-            "tile_size": self.tile_size,
-            "policy": self.policy,
-            "fit": self.fit,
-            "scales": [
-                {
-                    "scale": sp.scale,
-                    "grid": list(sp.grid),
-                    "content_size": list(sp.content_size),
-                }
-                for sp in self.scales
-            ],
-            **limit,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TilePlan:
-        """Rebuild a plan from :meth:`to_dict` output, validating every field.
-
-        Raises:
-            TypeError: ``data`` is not a mapping or a field has the wrong type.
-            ValueError: a field is missing or inconsistent.
-        """
-        if not isinstance(data, Mapping):
-            raise TypeError(f"TilePlan.from_dict expects a mapping, got {type(data).__name__}")
-        missing = {"image_size", "tile_size", "scales"} - set(data)
-        if missing:
-            raise ValueError(
-                f"TilePlan.from_dict: missing keys {sorted(missing)} in {dict(data)!r}"
-            )
-        image_size = _checks.int_pair("image_size", data["image_size"])
-        tile = _check_tile_size(data["tile_size"])
-        policy = data.get("policy", "aspect")
-        fit = data.get("fit", "stretch")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if fit not in FITS:
-            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-        raw_scales = data["scales"]
-        if not isinstance(raw_scales, Sequence) or isinstance(raw_scales, str) or not raw_scales:
-            raise ValueError(f"scales must be a non-empty list of dicts, got {raw_scales!r}")
-        scales = []
-        for i, entry in enumerate(raw_scales):
-            if not isinstance(entry, Mapping):
-                raise TypeError(f"scales[{i}] must be a dict, got {entry!r}")
-            if {"scale", "grid", "content_size"} - set(entry):
-                raise ValueError(f"scales[{i}] needs scale, grid and content_size, got {entry!r}")
-            sp = ScalePlan(
-                _checks.positive_int(f"scales[{i}].scale", entry["scale"]),
-                _checks.int_pair(f"scales[{i}].grid", entry["grid"]),
-                tile,
-                _checks.int_pair(f"scales[{i}].content_size", entry["content_size"]),
-            )
-            if sp.num_tiles > MAX_TILES:
-                raise ValueError(
-                    f"scales[{i}].grid {sp.grid} has {sp.num_tiles} tiles, more than MAX_TILES = "
-                    f"{MAX_TILES}"
-                )
-            ch, cw = sp.canvas_size
-            if sp.content_size[0] > ch or sp.content_size[1] > cw:
-                raise ValueError(
-                    f"scales[{i}].content_size {sp.content_size} exceeds the canvas {(ch, cw)}"
-                )
-            if fit == "stretch" and sp.content_size != (ch, cw):
-                raise ValueError(
-                    f"scales[{i}].content_size {sp.content_size} must equal the canvas {(ch, cw)} "
-                    "under fit='stretch'"
-                )
-            if sp.scale < tile:
-                raise ValueError(f"scales[{i}].scale {sp.scale} is below tile_size {tile}")
-            scales.append(sp)
-        if any(a.scale >= b.scale for a, b in itertools.pairwise(scales)):
-            raise ValueError(
-                f"scales must be strictly increasing, got {[sp.scale for sp in scales]}"
-            )
-        upscale = _checks.optional(_checks.positive_number, "max_upscale", data.get("max_upscale"))
-        if policy == "nvila" and tile != scales[0].scale:
-            raise ValueError(
-                f"tile_size must equal the first scale {scales[0].scale} in a policy='nvila' "
-                f"plan (NVILA tiles at its first scale), got {tile!r}"
-            )
-        if policy == "nvila" and upscale is None:  # max_upscale departs from NVILA's rule
-            _check_nvila_rule(scales)
-        if policy == "single" and any(sp.grid != (1, 1) for sp in scales):
-            raise ValueError(
-                f"a policy='single' plan has one tile at every scale, got grids "
-                f"{[sp.grid for sp in scales]}"
-            )
-        return cls(image_size, tile, tuple(scales), policy, fit, upscale)
-
-
 # ----------------------------------------------------------------------------------- validation
-
-
-def _check_nvila_rule(scales: Sequence[ScalePlan]) -> None:
-    """``ValueError`` unless a ``policy="nvila"`` plan follows NVILA's rule: scales multiples of
-    the first, every scale but the last a ``k × k`` grid with ``k = s // s_0``."""
-    sc = tuple(sp.scale for sp in scales)
-    if any(s % sc[0] for s in sc):
-        raise ValueError(
-            f"a policy='nvila' plan needs scales that are multiples of the first, got {list(sc)}"
-        )
-    lower = [sp.grid for sp in scales[:-1]]
-    if lower != nvila_lower_grids(sc):
-        raise ValueError(
-            f"a policy='nvila' plan has the grids {nvila_lower_grids(sc)} below its last scale "
-            f"(k x k, k = scale // {sc[0]}), got {lower}"
-        )
-
-
-def _check_tile_size(value: Any) -> int:
-    """A tile side: a positive int of at most :data:`MAX_TILE_SIZE` pixels."""
-    tile = _checks.positive_int("tile_size", value)
-    if tile > MAX_TILE_SIZE:
-        raise ValueError(
-            f"tile_size must be at most MAX_TILE_SIZE = {MAX_TILE_SIZE} pixels, got {tile!r}"
-        )
-    return tile
 
 
 def check_settings(
@@ -394,6 +121,51 @@ def check_settings(
     return sc, t, caps
 
 
+def tile_price_factor(stride: int, halo: int, halo_tiles: str) -> float:
+    """What a tile's price is multiplied by: the share of its pixels that is interior,
+    ``(stride / (stride + 2·halo))²``, for ``"fixed"`` tiles, else 1.
+
+    Fixed-size halo tiles cover less of the image each; pricing them by the area they cover keeps
+    the plan at the scale's resolution (more, smaller tiles) instead of shrinking the canvas.
+
+    Examples:
+        >>> tile_price_factor(96, 64, "fixed"), tile_price_factor(224, 64, "enlarged")
+        (0.18367346938775508, 1.0)
+    """
+    return (stride / (stride + 2 * halo)) ** 2 if halo_tiles == "fixed" else 1.0
+
+
+def check_halo(tile: int, halo: Any, halo_tiles: Any, policy: str) -> tuple[int, int]:
+    """Validate ``halo`` and ``halo_tiles`` for tiles of ``tile`` px; return ``(stride, halo)``.
+
+    The stride is the plan's ``tile_size``: ``tile - 2·halo`` for ``"fixed"`` tiles, ``tile``
+    for ``"enlarged"`` ones.
+
+    Examples:
+        >>> check_halo(224, 64, "fixed", "aspect"), check_halo(224, 64, "enlarged", "aspect")
+        ((96, 64), (224, 64))
+        >>> check_halo(224, 112, "fixed", "aspect")
+        Traceback (most recent call last):
+            ...
+        ValueError: halo=112 leaves no interior in a 224-px tile: ...
+    """
+    h = _checks.non_negative_int("halo", halo)
+    mode = _checks.one_of("halo_tiles", halo_tiles, HALO_TILES)
+    if h and policy == "nvila":
+        raise ValueError(
+            f"halo={h} is not available under policy='nvila', which reproduces NVILA's tiles: "
+            "use policy='aspect'"
+        )
+    if mode == "enlarged":
+        return tile, h
+    if 2 * h >= tile:
+        raise ValueError(
+            f"halo={h} leaves no interior in a {tile}-px tile: with halo_tiles='fixed' the stride "
+            f"is tile_size - 2·halo, so halo must be below {(tile + 1) // 2}"
+        )
+    return tile - 2 * h, h
+
+
 # --------------------------------------------------------------------------------------- public
 
 
@@ -407,6 +179,8 @@ def plan_tiles(
     policy: Policy = "aspect",
     fit: Fit = "stretch",
     max_upscale: float | None = None,
+    halo: int = 0,
+    halo_tiles: HaloTiles = "fixed",
 ) -> TilePlan:
     """Choose a tile grid for every scale of an image of size ``height × width``.
 
@@ -430,6 +204,21 @@ def plan_tiles(
             and ``cols ≤ max(1, ⌊max_upscale·w / t⌋)``. A plan already inside the limit is kept;
             otherwise the policy's rule runs again on the grids inside the limit with, at every
             scale, at most as many tiles as the unlimited plan, so small images get fewer tiles.
+            Under ``fit="stretch"``, a scale of a limited plan whose grid has an aspect error
+            (:func:`grid_aspect_error`) above :data:`MAX_CAPPED_STRETCH` keeps the image's aspect
+            and pads instead of stretching: no limited plan stretches the image by more than
+            that (a 160×40 image on one tile is padded, not stretched 4:1).
+        halo: pixels of the neighbouring image cut into every tile on each side (default 0);
+            their features are dropped before stitching, so every output cell comes from a tile
+            in which it is interior. At the canvas border the halo is padding (the pad value).
+            Under ``policy="aspect"`` only.
+        halo_tiles: ``"fixed"`` (default): tiles stay ``tile_size`` (a ViT at its native size)
+            and the stride shrinks to ``tile_size − 2·halo``, so the grids have more tiles;
+            ``"enlarged"``: the stride stays ``tile_size`` (same grids) and tiles are cut at
+            ``tile_size + 2·halo`` (backbones that take any input size). The plan's
+            ``tile_size`` is the stride either way, :attr:`TilePlan.input_size` the tile.
+            Fixed tiles are priced by the area they cover (:func:`tile_price_factor`), so the
+            canvases keep the scale's size.
 
     The ``"aspect"`` policy chooses the grids of all scales together. With ``k = s / tile_size``
     the target of scale ``s`` is ``k²`` tiles, and a grid of ``n = rows·cols`` tiles costs
@@ -462,6 +251,11 @@ def plan_tiles(
         [(1, 1), (2, 2), (3, 4)]
         >>> plan_tiles(64, 64, (448, 896, 1344), max_upscale=2.0).grids
         ((1, 1), (1, 1), (1, 1))
+        >>> [sp.content_size for sp in plan_tiles(160, 40, (224, 448), max_upscale=2.0).scales]
+        [(224, 56), (224, 56)]
+        >>> p = plan_tiles(480, 640, (224, 448), halo=32)
+        >>> p.tile_size, p.input_size, p.grids
+        (160, 224, ((2, 2), (3, 4)))
         >>> plan_tiles(1080, 1920, (1, 2))
         Traceback (most recent call last):
             ...
@@ -487,9 +281,15 @@ def plan_tiles(
         and type(policy) is str
         and type(fit) is str
         and (max_upscale is None or type(max_upscale) in (int, float))
+        and type(halo) is int
+        and type(halo_tiles) is str
     ):
-        return _plan_cached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
-    return _plan_uncached(height, width, scales, tile_size, max_tiles, policy, fit, max_upscale)
+        return _plan_cached(
+            height, width, scales, tile_size, max_tiles, policy, fit, max_upscale, halo, halo_tiles
+        )
+    return _plan_uncached(
+        height, width, scales, tile_size, max_tiles, policy, fit, max_upscale, halo, halo_tiles
+    )
 
 
 def _plan_uncached(
@@ -501,15 +301,19 @@ def _plan_uncached(
     policy: Any,
     fit: Any,
     max_upscale: Any = None,
+    halo: Any = 0,
+    halo_tiles: Any = "fixed",
     tile_price: float | None = None,
 ) -> TilePlan:
     h = _checks.positive_int("height", height)
     w = _checks.positive_int("width", width)
-    sc, t, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
+    sc, tile, caps = check_settings(scales, tile_size, max_tiles, policy, fit)
+    t, halo_px = check_halo(tile, halo, halo_tiles, policy)
     upscale = _checks.optional(_checks.positive_number, "max_upscale", max_upscale)
     price = ASPECT_TILE_PRICE if tile_price is None else tile_price
     if policy == "single":
-        return _make_plan(h, w, sc, t, [(1, 1)] * len(sc), policy, fit, upscale)
+        return _make_plan(h, w, sc, t, [(1, 1)] * len(sc), policy, fit, upscale, halo_px)
+    price *= tile_price_factor(t, halo_px, halo_tiles)
     if policy == "nvila":
         grids = nvila_grids(h, w, sc, t, caps)
     else:
@@ -527,7 +331,7 @@ def _plan_uncached(
                 capped = [min(a, b) for a, b in zip(scale_caps, bound, strict=True)]
                 prices = _prices(price)
                 grids = aspect_dp(aspect_tables(h, w, sc, t, capped, fit, limit, prices), prices)
-    return _make_plan(h, w, sc, t, grids, policy, fit, upscale)
+    return _make_plan(h, w, sc, t, grids, policy, fit, upscale, halo_px)
 
 
 def _make_plan(
@@ -539,18 +343,32 @@ def _make_plan(
     policy: str,
     fit: str,
     upscale: float | None,
+    halo: int = 0,
 ) -> TilePlan:
     return TilePlan(
         (h, w),
         t,
         tuple(
-            ScalePlan(s, g, t, _content_size(h, w, g, t, fit))
+            ScalePlan(s, g, t, _content_size(h, w, g, t, _scale_fit(h, w, g, fit, upscale)), halo)
             for s, g in zip(sc, grids, strict=True)
         ),
         policy,
         fit,
         upscale,
+        halo,
     )
+
+
+def _scale_fit(h: int, w: int, grid: tuple[int, int], fit: str, upscale: float | None) -> str:
+    """The fit of one scale: ``fit``, except that a ``max_upscale`` plan pads a scale whose grid
+    would stretch the image by more than :data:`MAX_CAPPED_STRETCH`."""
+    if (
+        upscale is not None
+        and fit == "stretch"
+        and grid_aspect_error(h, w, grid) > MAX_CAPPED_STRETCH
+    ):
+        return "pad"
+    return fit
 
 
 def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
@@ -559,16 +377,6 @@ def _upscale_limit(h: int, w: int, t: int, upscale: float) -> tuple[int, int]:
 
 
 _plan_cached = lru_cache(maxsize=65536)(_plan_uncached)
-
-
-def _content_size(h: int, w: int, grid: tuple[int, int], t: int, fit: str) -> tuple[int, int]:
-    ch, cw = grid[0] * t, grid[1] * t
-    if fit == "stretch":
-        return (ch, cw)
-    # Largest aspect-preserving size inside the canvas; integer arithmetic keeps it symmetric.
-    if w * ch >= h * cw:  # width-limited
-        return (max(1, min(ch, (2 * h * cw + w) // (2 * w))), cw)
-    return (ch, max(1, min(cw, (2 * w * ch + h) // (2 * h))))
 
 
 def grid_aspect_error(height: int, width: int, grid: tuple[int, int]) -> float:

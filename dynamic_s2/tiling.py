@@ -335,9 +335,10 @@ def check_plans(plans: object, images: Sequence[torch.Tensor]) -> tuple[TilePlan
                 f"plans[{i}] was made for an image of size {p.image_size}, but images[{i}] is "
                 f"{(img.shape[-2], img.shape[-1])} (h, w)"
             )
-    tiles = {p.tile_size for p in plans}
-    if len(tiles) > 1:
-        raise ValueError(f"plans must share one tile_size, got {sorted(tiles)}")
+    for name in ("tile_size", "halo"):
+        values = {getattr(p, name) for p in plans}
+        if len(values) > 1:
+            raise ValueError(f"plans must share one {name}, got {sorted(values)}")
     return tuple(plans)
 
 
@@ -405,9 +406,11 @@ def tile_images(
 
     Each image is resized to the content size of every scale (bicubic, antialias, align_corners
     False, computed in float32 and cast back), placed at the top-left of the canvas and cut into
-    tiles. Output dtype: float32 for uint8 input, the input dtype otherwise; on the input device.
-    Float images are normalised before the resize (which is linear), so the padding of
-    ``fit="pad"`` is ``pad_value`` after normalisation, as for uint8.
+    tiles. With a ``halo`` in the plans, the canvas is padded by ``halo`` pixels of ``pad_value``
+    on every side and tiles of ``plan.input_size`` are cut every ``plan.tile_size`` pixels, so
+    neighbouring tiles overlap by ``2·halo``. Output dtype: float32 for uint8 input, the input
+    dtype otherwise; on the input device. Float images are normalised before the resize (which is
+    linear), so the padding of ``fit="pad"`` is ``pad_value`` after normalisation, as for uint8.
     On the CPU a uint8 image is never widened to float32 whole: it is normalised and resized in
     bands of rows (or columns), with results identical to widening it whole.
 
@@ -443,7 +446,8 @@ def _tile(
     widen_first = uint8 and not uint8_resize  # normalised before the resize (in float32)
     out_dtype = torch.float32 if uint8 else items[0].dtype
     device = items[0].device
-    t = plan_list[0].tile_size
+    t, halo = plan_list[0].tile_size, plan_list[0].halo
+    side = t + 2 * halo  # the cut tile: the plan's input_size
     # host tensors: no device sync
     identity = bool((scale.cpu() == 1.0 / 255.0).all() and (shift.cpu() == 0.0).all())
     scale, shift = scale.to(device), shift.to(device)
@@ -469,7 +473,7 @@ def _tile(
     for b, p in enumerate(plan_list):
         by_size[p.image_size].append(b)
 
-    tiles = torch.empty((offset, channels, t, t), dtype=out_dtype, device=device)
+    tiles = torch.empty((offset, channels, side, side), dtype=out_dtype, device=device)
     for members in by_size.values():
         stack = (
             items[members[0]][None]
@@ -493,17 +497,22 @@ def _tile(
             else:
                 resized = resize(src, content)
             ch, cw = grid[0] * t, grid[1] * t
-            if content != (ch, cw):
+            if content != (ch, cw) or halo:
                 if resized.dtype == torch.uint8:
                     resized = normalise(resized)
-                resized = F.pad(resized, (0, cw - content[1], 0, ch - content[0]), value=pad_value)
-            # [G, C, R*t, Q*t] -> [G, R, Q, C, t, t] as a view; one pass writes (and, for uint8,
-            # normalises) it into the tiles.
+                right, bottom = cw - content[1] + halo, ch - content[0] + halo
+                resized = F.pad(resized, (halo, right, halo, bottom), value=pad_value)
+            # [G, C, R*t, Q*t] -> [G, R, Q, C, t, t] as a view (with a halo: overlapping windows
+            # of side t + 2*halo every t pixels); one pass writes (and, for uint8, normalises) it
+            # into the tiles.
             g = resized.shape[0]
-            cut = resized.view(g, channels, grid[0], t, grid[1], t).permute(0, 2, 4, 1, 3, 5)
+            if halo:
+                cut = resized.unfold(2, side, t).unfold(3, side, t).permute(0, 2, 3, 1, 4, 5)
+            else:
+                cut = resized.view(g, channels, grid[0], t, grid[1], t).permute(0, 2, 4, 1, 3, 5)
             n = grid[0] * grid[1]
             if g == 1:
-                dst_view = tiles[jobs[0][1] : jobs[0][1] + n].view(1, *grid, channels, t, t)
+                dst_view = tiles[jobs[0][1] : jobs[0][1] + n].view(1, *grid, channels, side, side)
                 if resized.dtype == torch.uint8:
                     dst_view.copy_(cut).mul_(scale).add_(shift)  # faster than a strided addcmul
                 else:
@@ -512,7 +521,7 @@ def _tile(
             values = normalise(cut) if resized.dtype == torch.uint8 else cut
             dst = torch.tensor([start for _, start in jobs], device=device)
             dst = (dst[:, None] + torch.arange(n, device=device)).reshape(-1)
-            tiles.index_copy_(0, dst, values.reshape(-1, channels, t, t).to(out_dtype))
+            tiles.index_copy_(0, dst, values.reshape(-1, channels, side, side).to(out_dtype))
     return TileBatch(tiles, plan_list)
 
 
@@ -530,14 +539,18 @@ def tile_pil(image: Any, plan: TilePlan) -> torch.Tensor:
         >>> tile_pil(Image.new("RGB", (80, 60)), plan_tiles(60, 80, (32, 64))).shape
         torch.Size([7, 3, 32, 32])
     """
-    t = plan.tile_size
-    tiles = torch.zeros((plan.num_tiles, 3, t, t), dtype=torch.uint8)
+    t, halo = plan.tile_size, plan.halo
+    tiles = torch.zeros((plan.num_tiles, 3, plan.input_size, plan.input_size), dtype=torch.uint8)
     start = 0
     for sp in plan.scales:
         content_h, content_w = sp.content_size
         resized = np.asarray(image.resize((content_w, content_h)), dtype=np.uint8)
-        canvas = torch.zeros((1, 3, *sp.canvas_size), dtype=torch.uint8)
-        canvas[0, :, :content_h, :content_w] = torch.from_numpy(resized.copy()).permute(2, 0, 1)
-        tiles[start : start + sp.num_tiles] = cut_grid(canvas, sp.grid)[0]
+        ch, cw = sp.canvas_size
+        canvas = torch.zeros((1, 3, ch + 2 * halo, cw + 2 * halo), dtype=torch.uint8)
+        canvas[0, :, halo : halo + content_h, halo : halo + content_w] = torch.from_numpy(
+            resized.copy()
+        ).permute(2, 0, 1)
+        cut = canvas.unfold(2, sp.input_size, t).unfold(3, sp.input_size, t)[0]
+        tiles[start : start + sp.num_tiles] = cut.permute(1, 2, 0, 3, 4).flatten(0, 1)
         start += sp.num_tiles
     return tiles
