@@ -342,6 +342,19 @@ def check_plans(plans: object, images: Sequence[torch.Tensor]) -> tuple[TilePlan
     return tuple(plans)
 
 
+def _normalise_floats(
+    items: Sequence[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor
+) -> Sequence[torch.Tensor]:
+    """Float images in ``[0, 1]`` normalised with the uint8 affine ``(scale, shift)`` (times 255),
+    in float32 (resizing computes in float32 too; the tiles keep the input dtype), before the
+    resize. Unchanged, and not range-checked, when the normalisation is the identity."""
+    if bool((scale.cpu() == 1.0 / 255.0).all() and (shift.cpu() == 0.0).all()):
+        return items
+    _check_float_range(items)
+    scale, shift = scale.to(items[0].device) * 255.0, shift.to(items[0].device)
+    return [torch.addcmul(shift, img.to(torch.float32), scale) for img in items]
+
+
 def _affine(
     mean: Sequence[float] | float | None,
     std: Sequence[float] | float | None,
@@ -448,17 +461,12 @@ def _tile(
     device = items[0].device
     t, halo = plan_list[0].tile_size, plan_list[0].halo
     side = t + 2 * halo  # the cut tile: the plan's input_size
-    # host tensors: no device sync
-    identity = bool((scale.cpu() == 1.0 / 255.0).all() and (shift.cpu() == 0.0).all())
+    if not uint8:  # read off the host tensors, before they move
+        items = _normalise_floats(items, scale, shift)
     scale, shift = scale.to(device), shift.to(device)
 
     def normalise(x: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised float32, one pass
         return torch.addcmul(shift, x.to(torch.float32), scale)
-
-    if not uint8 and not identity:  # floats in [0, 1]: normalised before the resize
-        _check_float_range(items)
-        # in float32 (resizing computes in float32 too); the tiles keep the input dtype
-        items = [torch.addcmul(shift, img.to(torch.float32), scale * 255.0) for img in items]
 
     # Host arithmetic: the first tile index of every (image, scale), and groups of equal work:
     # images of one size are stacked once, then resized together per (content size, grid).
