@@ -186,7 +186,9 @@ def run(
     """Encode and merge a prepared batch: the model half of the chain.
 
     With ``max_batch_tiles`` the backbone sees full chunks of that many tiles and every image is
-    merged as soon as its tiles are encoded.
+    merged as soon as its tiles are encoded. Tiles whose size is not the plans' raise
+    ``ValueError``, and so does a batch that declares ``num_image_tokens`` (the HF processors')
+    other than the rows this call makes per image.
 
     Args:
         model: the backbone (see :func:`~dynamic_s2.backbones.as_backbone`).
