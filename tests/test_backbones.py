@@ -323,7 +323,10 @@ def test_timm_vit() -> None:
     with torch.no_grad():
         out = forward(model, images, scales=(TILE, 2 * TILE))
         plans = [plan_tiles(*img.shape[1:], (TILE, 2 * TILE)) for img in images]
-        maps, prefix = ref_forward(model.forward_features, images, plans, num_prefix=actual)
+        # float images in [0, 1] are normalised with the backbone's stats (the one rule)
+        maps, prefix = ref_forward(
+            model.forward_features, images, plans, num_prefix=actual, mean=bb.mean, std=bb.std
+        )
     for got, want in zip(out.unpad(), maps, strict=True):
         torch.testing.assert_close(got, want, **TOL_REF)
     assert prefix is not None
@@ -335,10 +338,13 @@ def test_timm_convnet() -> None:
     timm = need("timm")
     model = timm.create_model("resnet18", pretrained=False).eval()
     images = random_images([(70, 100), (64, 64)], seed=3)
+    stats = as_backbone(model)  # float images in [0, 1] are normalised with its mean and std
     with torch.no_grad():
         out = forward(model, images, scales=(64, 128))
         plans = [plan_tiles(*img.shape[1:], (64, 128)) for img in images]
-        maps, prefix = ref_forward(model.forward_features, images, plans)
+        maps, prefix = ref_forward(
+            model.forward_features, images, plans, mean=stats.mean, std=stats.std
+        )
     assert prefix is None and out.prefix is None
     assert out.channels == 2 * 512
     for got, want in zip(out.unpad(), maps, strict=True):
