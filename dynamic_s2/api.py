@@ -104,13 +104,7 @@ def _check_plan_agrees(
 
 def _check_batch(batch: TileBatch, opts: S2Options, given: Mapping[str, Any]) -> None:
     """``ValueError`` when a prepared batch disagrees with options the caller gave (scales, tile
-    size, policy, fit, caps, budget) or its tiles are not the size its plans were made for."""
-    t = batch.plans[0].input_size  # the cut tile: tile_size, plus twice the halo
-    if tuple(batch.tiles.shape[-2:]) != (t, t):
-        raise ValueError(
-            f"batch tiles are {tuple(batch.tiles.shape[-2:])} pixels but its plans were made for "
-            f"{t}x{t} tiles"
-        )
+    size, policy, fit, caps, budget)."""
     for i, plan in enumerate(batch.plans):
         _check_plan_agrees(i, plan, opts, given, prepared=True)
     budget = given.get("tile_budget")
@@ -233,7 +227,12 @@ def _as_batch(batch: Any) -> tuple[TileBatch, list[int] | None]:
             f"batch has {tiles.shape[0]} tiles but its plans need {sum(batch.tile_counts)}"
         )
     check_plan_list(batch.plans)  # one tile size and one number of scales (collate can mix)
-    _check_batch(batch, S2Options(), {})  # tiles of the plans' size
+    t = batch.plans[0].input_size  # the cut tile: tile_size, plus twice the halo
+    if tuple(tiles.shape[-2:]) != (t, t):
+        raise ValueError(
+            f"batch tiles are {tuple(tiles.shape[-2:])} pixels but its plans were made for "
+            f"{t}x{t} tiles"
+        )
     if expected is not None and len(expected) != len(batch.plans):
         raise ValueError(
             f"batch declares num_image_tokens for {len(expected)} images but holds "
