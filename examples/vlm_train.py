@@ -219,7 +219,7 @@ def main() -> None:
         raise SystemExit(1)
     # every batch got here: DynamicS2 checked its rows against num_image_tokens and
     # splice_image_embeddings checked them against the placeholders, raising on any mismatch
-    print("trained with placeholder counts equal to the model's rows (checked each batch): True")
+    print("placeholder counts equal to the model's rows (checked each batch): True")
 
 
 if __name__ == "__main__":

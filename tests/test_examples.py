@@ -24,7 +24,7 @@ EXPECTED = {
     "convnet.py": "rocket_panorama.jpg is closest to rocket.jpg",
     "mixed_batch_attention.py": "same outputs on the valid tokens: True",
     "ddp_module.py": "rank 0: gradients reach the backbone",
-    "vlm_train.py": "trained with placeholder counts equal to the model's rows (checked each batch): True",
+    "vlm_train.py": "placeholder counts equal to the model's rows (checked each batch): True",
 }
 # Optional packages a script needs; the test is skipped without them.
 REQUIRES = {
